@@ -1,0 +1,59 @@
+# lrnserve developer entry points. A newcomer needs two: `make serve` and `make test`.
+#
+# Both create .venv on first use. In CPU environments torch==2.13.0 is installed first,
+# from PyTorch's CPU wheel index when it is reachable (else from pip's configured
+# sources), so that pip never pulls the multi-GB CUDA build. On a GPU machine
+# (nvidia-smi present) the default PyPI build, which bundles CUDA, is installed instead.
+# Override with TORCH_SPEC / TORCH_INDEX, e.g. TORCH_INDEX=https://download.pytorch.org/whl/cu128.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+CPU_TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: serve test install lint typecheck bench clean
+
+serve: $(VENV)/.installed
+	$(BIN)/lrnserve serve $(ARGS)
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	@if $(BIN)/python -c "import torch" 2>/dev/null; then \
+		echo "torch already installed: $$($(BIN)/python -c 'import torch; print(torch.__version__)')"; \
+	elif [ -n "$(TORCH_INDEX)" ]; then \
+		$(BIN)/python -m pip install "$(TORCH_SPEC)" --extra-index-url "$(TORCH_INDEX)"; \
+	elif command -v nvidia-smi >/dev/null 2>&1; then \
+		echo "GPU found: installing the CUDA build of $(TORCH_SPEC) from PyPI"; \
+		$(BIN)/python -m pip install "$(TORCH_SPEC)"; \
+	elif $(BIN)/python -c "import urllib.request as u; u.urlopen('$(CPU_TORCH_INDEX)/torch/', timeout=5)" 2>/dev/null; then \
+		echo "CPU only: installing $(TORCH_SPEC) from $(CPU_TORCH_INDEX)"; \
+		$(BIN)/python -m pip install "$(TORCH_SPEC)" --extra-index-url "$(CPU_TORCH_INDEX)"; \
+	else \
+		echo "CPU only, $(CPU_TORCH_INDEX) unreachable: installing $(TORCH_SPEC) from pip's configured sources"; \
+		$(BIN)/python -m pip install "$(TORCH_SPEC)"; \
+	fi
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(VENV)/.installed
+	$(BIN)/mypy
+
+bench: $(VENV)/.installed
+	$(BIN)/python bench/ops.py
+
+clean:
+	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache

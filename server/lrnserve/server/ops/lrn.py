@@ -1,0 +1,166 @@
+"""The public LRN operation and its ``torch.nn.Module`` wrapper.
+
+``local_response_norm`` validates its arguments, then runs the fused C++
+kernel for CPU tensors (``native``) or the composed torch version otherwise
+(``composed``). ``alpha``, ``beta`` and ``k`` may be scalars or one value per
+sample, which is what lets the server batch requests that differ in them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from . import native
+from .composed import local_response_norm_composed
+from .params import LRNParams, Mode, check_alpha, check_beta, check_k, check_mode, check_size
+
+PerSample = float | Sequence[float] | torch.Tensor
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _check_input(x: object) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D (N, C, H, W), got {x.dim()}-D with shape {tuple(x.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
+        raise ValueError(f"x must have dtype {names}; got {str(x.dtype).removeprefix('torch.')}")
+    return x
+
+
+class _Rule:
+    """How one of alpha/beta/k is checked, as a scalar and as one value per sample."""
+
+    def __init__(
+        self,
+        name: str,
+        check: Callable[[float], float],
+        invalid: Callable[[torch.Tensor], torch.Tensor],
+        text: str,
+    ) -> None:
+        self.name, self.check, self.invalid, self.text = name, check, invalid, text
+
+    def per_sample(self, value: PerSample, batch: int) -> torch.Tensor:
+        """One float64 CPU value per sample, validated."""
+        if isinstance(value, bool):
+            raise ValueError(f"{self.name} must be a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return torch.full((batch,), self.check(float(value)), dtype=torch.float64)
+        try:
+            values = torch.as_tensor(value, dtype=torch.float64, device="cpu").reshape(-1)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise ValueError(f"{self.name} must be a number or one number per sample: {exc}") from None
+        if values.numel() == 1:
+            return torch.full((batch,), self.check(float(values.item())), dtype=torch.float64)
+        if values.numel() != batch:
+            raise ValueError(
+                f"{self.name} must be a number or {batch} numbers (one per sample), got {values.numel()}"
+            )
+        bad = self.invalid(values)
+        if bool(bad.any()):
+            index = int(bad.nonzero()[0])
+            raise ValueError(f"{self.name}[{index}] must be {self.text}, got {values[index].item()!r}")
+        return values.contiguous()
+
+
+_ALPHA = _Rule("alpha", check_alpha, lambda v: ~torch.isfinite(v) | (v < 0), "a finite number >= 0")
+_BETA = _Rule("beta", check_beta, lambda v: ~torch.isfinite(v), "a finite number")
+_K = _Rule("k", check_k, lambda v: ~torch.isfinite(v) | (v <= 0), "a finite number > 0")
+
+
+def local_response_norm(
+    x: torch.Tensor,
+    size: int,
+    alpha: PerSample = 1e-4,
+    beta: PerSample = 0.75,
+    k: PerSample = 1.0,
+    mode: Mode = "across",
+) -> torch.Tensor:
+    """Local Response Normalization of an NCHW tensor with Caffe's semantics.
+
+    across: ``y = x / (k + alpha/size * sum over size channels of x^2) ** beta``;
+    within: the same over a ``size x size`` window in each channel with
+    ``alpha/size**2``. Zero padding, the full window as divisor, and for even
+    sizes PyTorch's window ``[c - size//2, c + (size-1)//2]``. Returns a new
+    contiguous tensor of x's dtype on x's device.
+    """
+    x = _check_input(x)
+    size = check_size(size)
+    mode = check_mode(mode)
+    batch = x.shape[0]
+    alpha_t, beta_t, k_t = (
+        _ALPHA.per_sample(alpha, batch),
+        _BETA.per_sample(beta, batch),
+        _K.per_sample(k, batch),
+    )
+    if x.numel() == 0:
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+    needs_graph = x.requires_grad and torch.is_grad_enabled()
+    if x.device.type == "cpu" and not needs_graph:
+        kernel = native.kernel()
+        if kernel is not None:
+            source = x.contiguous()
+            out = torch.empty_like(source, memory_format=torch.contiguous_format)
+            kernel.forward(source, out, mode, size, alpha_t, beta_t, k_t)
+            return out
+    return local_response_norm_composed(x, size, alpha_t, beta_t, k_t, mode)
+
+
+def prepare(device: torch.device | str = "cpu") -> str:
+    """Build or load what the op needs on ``device`` now, not in the first request.
+
+    Returns a one-line description of the implementation that will run.
+    """
+    device = torch.device(device)
+    if device.type == "cpu":
+        kernel = native.kernel()
+        if kernel is not None:
+            return f"fused C++ kernel ({kernel.path.name})"
+        return f"composed torch ops (fused kernel unavailable: {native.unavailable_reason()})"
+    return f"composed torch ops on {device.type}"
+
+
+class LocalResponseNorm(nn.Module):
+    """``torch.nn.Module`` form of :func:`local_response_norm` with fixed parameters."""
+
+    def __init__(
+        self, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0, mode: Mode = "across"
+    ) -> None:
+        super().__init__()
+        self.params = LRNParams(size, alpha, beta, k, mode)
+
+    @classmethod
+    def from_params(cls, params: LRNParams) -> LocalResponseNorm:
+        return cls(params.size, params.alpha, params.beta, params.k, params.mode)
+
+    @property
+    def size(self) -> int:
+        return self.params.size
+
+    @property
+    def alpha(self) -> float:
+        return self.params.alpha
+
+    @property
+    def beta(self) -> float:
+        return self.params.beta
+
+    @property
+    def k(self) -> float:
+        return self.params.k
+
+    @property
+    def mode(self) -> Mode:
+        return self.params.mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.params
+        return local_response_norm(x, p.size, p.alpha, p.beta, p.k, p.mode)
+
+    def extra_repr(self) -> str:
+        p = self.params
+        return f"size={p.size}, alpha={p.alpha}, beta={p.beta}, k={p.k}, mode={p.mode!r}"

@@ -1,0 +1,239 @@
+"""Build, cache and call the fused C++ LRN kernel (``csrc/lrn.cpp``).
+
+The kernel is a plain C ABI library compiled with the system C++ compiler the
+first time it is needed and cached on disk, keyed by its source, flags and the
+CPU's instruction-set level, so later processes load it in milliseconds. It is
+called through ctypes, which releases the GIL for the duration of the call.
+When no compiler is available the caller falls back to the composed torch
+implementation; that decision is logged once, here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+ABI_VERSION = 1
+SOURCE = Path(__file__).with_name("csrc") / "lrn.cpp"
+_BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno")
+_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+_MODE_CODES = {"across": 0, "within": 1}
+
+# x86-64 micro-architecture levels (as gcc names them) and the CPU flags each needs.
+_X86_LEVELS = (
+    ("x86-64-v4", {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}),
+    ("x86-64-v3", {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "movbe", "abm"}),
+    ("x86-64-v2", {"sse4_1", "sse4_2", "ssse3", "popcnt", "cx16"}),
+)
+
+
+class NativeKernel:
+    """The loaded library; ``forward`` writes LRN(x) into ``out``."""
+
+    def __init__(self, library: ctypes.CDLL, path: Path) -> None:
+        self.path = path
+        fn = library.lrnserve_lrn_forward
+        fn.restype = ctypes.c_int
+        fn.argtypes = [
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_int,
+        ]
+        self._forward = fn
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        out: torch.Tensor,
+        mode: str,
+        size: int,
+        alpha: torch.Tensor,
+        beta: torch.Tensor,
+        k: torch.Tensor,
+    ) -> None:
+        """x, out: contiguous NCHW on the CPU; alpha/beta/k: contiguous float64, one per sample."""
+        n, c, h, w = x.shape
+        rc = self._forward(
+            _DTYPE_CODES[x.dtype],
+            _MODE_CODES[mode],
+            x.data_ptr(),
+            out.data_ptr(),
+            n,
+            c,
+            h,
+            w,
+            size,
+            alpha.data_ptr(),
+            beta.data_ptr(),
+            k.data_ptr(),
+            torch.get_num_threads(),
+        )
+        if rc != 0:
+            raise RuntimeError(f"native LRN kernel rejected its arguments (code {rc})")
+
+
+def supports(dtype: torch.dtype) -> bool:
+    return dtype in _DTYPE_CODES
+
+
+def cache_dir() -> Path:
+    """Where built kernels live: $LRNSERVE_KERNEL_CACHE, else the user's cache directory."""
+    explicit = os.environ.get("LRNSERVE_KERNEL_CACHE")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "lrnserve" / "kernels"
+
+
+def isa_level() -> str | None:
+    """The highest x86-64 level this CPU supports, or None (other architectures: compiler default)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    required: set[str] = set()
+    levels = []
+    for name, needs in reversed(_X86_LEVELS):
+        required |= needs
+        levels.append((name, set(required)))
+    best = None
+    for name, needs in levels:
+        if needs <= flags:
+            best = name
+    return best
+
+
+def _flags(target: str | None) -> list[str]:
+    flags = list(_BASE_FLAGS)
+    if target:
+        flags.append(f"-march={target}")
+    return flags
+
+
+def _library_path(target: str | None) -> Path:
+    digest = hashlib.sha256()
+    digest.update(SOURCE.read_bytes())
+    digest.update(" ".join(_flags(target)).encode())
+    digest.update(platform.machine().encode())
+    name = f"liblrnserve-lrn-abi{ABI_VERSION}-{target or 'default'}-{digest.hexdigest()[:16]}.so"
+    return cache_dir() / name
+
+
+def _compiler() -> str | None:
+    for candidate in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if candidate and shutil.which(candidate):
+            return candidate
+    return None
+
+
+def _compile(target: str | None, destination: Path) -> None:
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    # Build to a temporary name and rename: concurrent processes never see half a file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=destination.parent)
+    os.close(fd)
+    try:
+        cmd = [compiler, *_flags(target), str(SOURCE), "-o", tmp]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr.strip()[-2000:]}")
+        os.replace(tmp, destination)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _open(path: Path) -> NativeKernel:
+    library = ctypes.CDLL(str(path))
+    version = library.lrnserve_abi_version()
+    if version != ABI_VERSION:
+        raise RuntimeError(f"{path} has ABI {version}, expected {ABI_VERSION}")
+    return NativeKernel(library, path)
+
+
+class _Loader:
+    """Loads (building if needed) the kernel once per process; thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._done = False
+        self._kernel: NativeKernel | None = None
+        self.error: str | None = None
+
+    def get(self) -> NativeKernel | None:
+        if self._done:
+            return self._kernel
+        with self._lock:
+            if not self._done:
+                self._kernel = self._load()
+                self._done = True
+        return self._kernel
+
+    def _load(self) -> NativeKernel | None:
+        if os.environ.get("LRNSERVE_DISABLE_NATIVE", "") not in ("", "0"):
+            self.error = "disabled by LRNSERVE_DISABLE_NATIVE"
+            logger.warning("fused CPU LRN kernel %s; using the slower composed torch path", self.error)
+            return None
+        errors = []
+        target = isa_level()
+        for candidate in (target, None) if target else (None,):
+            path = _library_path(candidate)
+            try:
+                if not path.exists():
+                    logger.info("building fused CPU LRN kernel for %s -> %s", candidate or "default", path)
+                    _compile(candidate, path)
+                kernel = _open(path)
+                logger.info("fused CPU LRN kernel loaded from %s", path)
+                return kernel
+            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                errors.append(str(exc))
+        self.error = "; ".join(errors)
+        logger.warning(
+            "fused CPU LRN kernel unavailable (%s); using the slower composed torch path. "
+            "Install a C++ compiler (g++) for the fast path.",
+            self.error,
+        )
+        return None
+
+
+_loader = _Loader()
+
+
+def kernel() -> NativeKernel | None:
+    """The process-wide kernel, building it on first use; None when it cannot be built."""
+    return _loader.get()
+
+
+def unavailable_reason() -> str | None:
+    return _loader.error

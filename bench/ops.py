@@ -69,17 +69,17 @@ def op_table(device: torch.device, reps: int, warmup: int) -> None:
     print("-" * len(header))
     for mode, size, shape in cases:
         x = torch.randn(shape, device=device)
-        fns: dict[str, Fn] = {"ours": lambda: local_response_norm(x, size, 1e-4, 0.75, 1.0, mode)}
+        fns: dict[str, Fn] = {"ours": lambda x=x, s=size, m=mode: local_response_norm(x, s, 1e-4, 0.75, 1.0, m)}
         if mode == "across":
             baseline = "F.local_response_norm"
-            fns["base"] = lambda: F.local_response_norm(x, size, 1e-4, 0.75, 1.0)
+            fns["base"] = lambda x=x, s=size: F.local_response_norm(x, s, 1e-4, 0.75, 1.0)
         else:
             baseline = "avg_pool2d composition"
-            fns["base"] = lambda: within_composition(x, size, 1e-4, 0.75, 1.0)
+            fns["base"] = lambda x=x, s=size: within_composition(x, s, 1e-4, 0.75, 1.0)
         fns["clone"] = x.clone
         t = measure(fns, reps, warmup, device)
         print(
-            f"{mode:7}{size:>5}  {str(list(shape)):18}{t['ours'] * 1e3:9.2f}{baseline:>26}"
+            f"{mode:7}{size:>5}  {list(shape)!s:18}{t['ours'] * 1e3:9.2f}{baseline:>26}"
             f"{t['base'] * 1e3:9.2f}{t['clone'] * 1e3:10.2f}{t['base'] / t['ours']:8.1f}x"
             f"{t['ours'] / t['clone']:10.2f}x"
         )
@@ -95,7 +95,7 @@ def bandwidth_table(reps: int, warmup: int) -> None:
         for mode in ("across", "within"):
             x = torch.randn(shape, device=device, dtype=dtype)
             t = measure(
-                {"ours": lambda: local_response_norm(x, 5, 1e-4, 0.75, 1.0, mode), "clone": x.clone},
+                {"ours": lambda x=x, m=mode: local_response_norm(x, 5, 1e-4, 0.75, 1.0, m), "clone": x.clone},
                 reps,
                 warmup,
                 device,

@@ -79,9 +79,7 @@ def test_lrn_positions_and_parameters(network: LRNNetwork) -> None:
 def test_alexnet_layers_match_bvlc() -> None:
     net = create_network("alexnet")
     convs = {n: m for n, m in net.features.named_children() if isinstance(m, nn.Conv2d)}
-    spec = {
-        n: (m.out_channels, m.kernel_size[0], m.stride[0], m.padding[0], m.groups) for n, m in convs.items()
-    }
+    spec = {n: (m.out_channels, m.kernel_size[0], m.stride[0], m.padding[0], m.groups) for n, m in convs.items()}
     assert spec == {
         "conv1": (96, 11, 4, 0, 1),
         "conv2": (256, 5, 1, 2, 2),
@@ -170,16 +168,12 @@ def test_weights_mismatch_is_a_clear_error(tmp_path: Path) -> None:
     renamed = dict(state)
     renamed["features.conv9.weight"] = renamed.pop("features.conv1.weight")
     torch.save(renamed, tmp_path / "keys.pt")
-    with pytest.raises(
-        ValueError, match=r"missing keys 'features.conv1.weight'.*unexpected keys 'features.conv9"
-    ):
+    with pytest.raises(ValueError, match=r"missing keys 'features.conv1.weight'.*unexpected keys 'features.conv9"):
         create_network("cifar10_full", weights=tmp_path / "keys.pt")
     reshaped = dict(state)
     reshaped["classifier.ip1.weight"] = torch.zeros(5, 1024)
     torch.save(reshaped, tmp_path / "shape.pt")
-    with pytest.raises(
-        ValueError, match=r"'classifier.ip1.weight' has shape \(5, 1024\).*expects \(10, 1024\)"
-    ):
+    with pytest.raises(ValueError, match=r"'classifier.ip1.weight' has shape \(5, 1024\).*expects \(10, 1024\)"):
         create_network("cifar10_full", weights=tmp_path / "shape.pt")
     with pytest.raises(ValueError, match="does not exist"):
         create_network("cifar10_full", weights=tmp_path / "absent.pt")

@@ -12,9 +12,7 @@ from .cifar10 import Cifar10Full
 from .googlenet import GoogLeNet
 from .zfnet import ZFNet512
 
-NETWORKS: dict[str, type[LRNNetwork]] = {
-    cls.name: cls for cls in (AlexNet, CaffeNet, GoogLeNet, Cifar10Full, ZFNet512)
-}
+NETWORKS: dict[str, type[LRNNetwork]] = {cls.name: cls for cls in (AlexNet, CaffeNet, GoogLeNet, Cifar10Full, ZFNet512)}
 
 
 def create_network(

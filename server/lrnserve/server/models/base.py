@@ -98,8 +98,7 @@ class LRNNetwork(nn.Module):
             given = state[key]
             if tuple(given.shape) != tuple(tensor.shape):
                 raise ValueError(
-                    f"{path}: weight {key!r} has shape {tuple(given.shape)}, "
-                    f"{self.name} expects {tuple(tensor.shape)}"
+                    f"{path}: weight {key!r} has shape {tuple(given.shape)}, {self.name} expects {tuple(tensor.shape)}"
                 )
         self.load_state_dict(state, strict=True)
         self.weights_source = str(path)

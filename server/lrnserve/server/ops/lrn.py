@@ -57,9 +57,7 @@ class _Rule:
         if values.numel() == 1:
             return torch.full((batch,), self.check(float(values.item())), dtype=torch.float64)
         if values.numel() != batch:
-            raise ValueError(
-                f"{self.name} must be a number or {batch} numbers (one per sample), got {values.numel()}"
-            )
+            raise ValueError(f"{self.name} must be a number or {batch} numbers (one per sample), got {values.numel()}")
         bad = self.invalid(values)
         if bool(bad.any()):
             index = int(bad.nonzero()[0])

@@ -130,8 +130,6 @@ class LRNParams:
         return cls(size, _number("alpha", alpha) * size, beta, bias, "across")
 
     @classmethod
-    def from_alexnet_paper(
-        cls, n: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0
-    ) -> LRNParams:
+    def from_alexnet_paper(cls, n: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0) -> LRNParams:
         """The AlexNet paper's literal formula (alpha not divided by n; k = 2)."""
         return cls(n, _number("alpha", alpha) * check_size(n), beta, k, "across")

@@ -1,0 +1,58 @@
+"""The one table of tensor datatypes: wire name, item size, numpy and torch names.
+
+Shared by the client (numpy) and the server (torch); torch is named, never imported.
+numpy has no bfloat16, so BF16 travels through numpy as its raw 16-bit pattern.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class DataType:
+    wire: str
+    itemsize: int
+    numpy: np.dtype | None  # None: no numpy equivalent (BF16)
+    torch: str  # attribute name in the torch module
+    contents_field: str | None  # typed InferTensorContents field, if the protocol has one
+
+    @property
+    def numpy_storage(self) -> np.dtype:
+        """The numpy dtype that holds this type's bytes (uint16 for BF16)."""
+        return self.numpy if self.numpy is not None else np.dtype(np.uint16)
+
+
+DATATYPES: dict[str, DataType] = {
+    d.wire: d
+    for d in (
+        DataType("FP32", 4, np.dtype("<f4"), "float32", "fp32_contents"),
+        DataType("FP64", 8, np.dtype("<f8"), "float64", "fp64_contents"),
+        DataType("FP16", 2, np.dtype("<f2"), "float16", None),
+        DataType("BF16", 2, None, "bfloat16", None),
+    )
+}
+
+_BY_TORCH = {d.torch: d for d in DATATYPES.values()}
+
+
+def from_wire(name: str) -> DataType | None:
+    return DATATYPES.get(name)
+
+
+def from_numpy(dtype: np.dtype) -> DataType | None:
+    for d in DATATYPES.values():
+        if d.numpy is not None and d.numpy == np.dtype(dtype).newbyteorder("<"):
+            return d
+    return None
+
+
+def from_torch_name(name: str) -> DataType | None:
+    """``name`` as in ``str(tensor.dtype)`` with or without the ``torch.`` prefix."""
+    return _BY_TORCH.get(name.removeprefix("torch."))
+
+
+def wire_names() -> str:
+    return ", ".join(DATATYPES)

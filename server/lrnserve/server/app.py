@@ -1,0 +1,110 @@
+"""Assembles the service from settings and runs its lifecycle.
+
+start: bind the gRPC port (live, not ready), load every model, then report
+SERVING. drain (SIGTERM/SIGINT): health NOT_SERVING, new requests UNAVAILABLE,
+queued and running requests finish within the grace period, then the port
+closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+from grpc_reflection.v1alpha import reflection
+
+from lrnserve.client.pb import grpc_predict_v2_pb2 as pb
+from lrnserve.client.pb import grpc_predict_v2_pb2_grpc as pb_grpc
+from lrnserve.client.pb import health_pb2, health_pb2_grpc
+
+from .dataplane import DataPlane
+from .repository import ModelRepository
+from .settings import ServerSettings
+from .transport.health import HealthService
+from .transport.service import ErrorInterceptor, InferenceService
+
+logger = logging.getLogger(__name__)
+
+INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+
+def grpc_options(settings: ServerSettings) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+        # Keep idle client connections healthy through load balancers, and let clients ping.
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+class LrnServer:
+    """One server process: gRPC inference + health + reflection over a model repository."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.repository = ModelRepository(settings)
+        self.dataplane = DataPlane(self.repository, settings.max_message_bytes)
+        self.health = HealthService([INFERENCE_SERVICE, *self.repository.names()])
+        self.grpc_port = 0
+        self._server: grpc.aio.Server | None = None
+        self._stopped = asyncio.Event()
+
+    @property
+    def address(self) -> str:
+        host = self.settings.host
+        return f"{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{self.grpc_port}"
+
+    async def start(self) -> None:
+        """Listen, then load every model; returns once all are ready (raises if one fails)."""
+        server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=grpc_options(self.settings))
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(self.dataplane), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection((INFERENCE_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
+        bind = f"{self.settings.host}:{self.settings.grpc_port}"
+        self.grpc_port = server.add_insecure_port(bind)
+        if self.grpc_port == 0:
+            raise OSError(f"could not bind gRPC port {bind}")
+        await server.start()
+        self._server = server
+        logger.info("gRPC listening on %s:%d (live; loading models)", self.settings.host, self.grpc_port)
+        start = time.perf_counter()
+        try:
+            await self.repository.load_all()
+        except BaseException:
+            await self.stop(grace=0)
+            raise
+        for name in self.repository.names():
+            await self.health.set(name, True)
+        await self.health.set(INFERENCE_SERVICE, True)
+        await self.health.set("", True)
+        logger.info("ready: %d models in %.1fs", len(self.repository.names()), time.perf_counter() - start)
+
+    async def stop(self, grace: float | None = None) -> bool:
+        """Drain and stop; True when every queued and running request finished in time."""
+        if self._stopped.is_set():
+            return True
+        grace = self.settings.grace_seconds if grace is None else grace
+        deadline = time.monotonic() + grace
+        self.dataplane.draining = True
+        await self.health.close()
+        self.repository.close()
+        drained = await self.repository.drain(grace)
+        if not drained:
+            logger.warning("grace period of %.1fs ended with requests still queued or running", grace)
+        if self._server is not None:
+            # In-flight RPCs have their answers; give them the rest of the grace to be sent.
+            await self._server.stop(max(0.0, deadline - time.monotonic()))
+        await self.repository.stop()
+        self._stopped.set()
+        logger.info("stopped (%s)", "drained" if drained else "grace period exceeded")
+        return drained
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()

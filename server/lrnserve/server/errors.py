@@ -1,0 +1,44 @@
+"""The server's exception family: each error carries the gRPC status it maps to.
+
+Everything the dataplane, batcher or models reject is raised as one of these;
+the transport maps them in exactly one place (``grpc_server.ErrorInterceptor``).
+Anything else that escapes becomes INTERNAL with a generic message.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class ServingError(Exception):
+    """An error meant for the caller: ``message`` names the field and what was expected."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class NotFound(ServingError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class InvalidArgument(ServingError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class ResourceExhausted(ServingError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class DeadlineExceeded(ServingError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Unavailable(ServingError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class Cancelled(ServingError):
+    code = grpc.StatusCode.CANCELLED

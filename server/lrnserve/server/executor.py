@@ -1,0 +1,137 @@
+"""Runs one model's batches on its device, off the event loop.
+
+Each model has ``instances`` worker threads; each thread is one instance and,
+on CUDA, owns one stream. A batch is assembled by copying every request's
+bytes once into a (pinned, on CUDA) batch buffer, moved to the device with a
+non-blocking copy, computed, and copied back the same way. When the device runs
+out of memory the batch is split in halves and retried; a single sample that
+still does not fit fails with RESOURCE_EXHAUSTED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Hashable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import ResourceExhausted
+from .servables import Servable
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Work:
+    """One validated request, as the batcher and executor see it."""
+
+    payload: np.ndarray  # the request tensor's bytes (uint8, C order, little-endian)
+    shape: tuple[int, ...]  # N, C, H, W
+    dtype: torch.dtype
+    model_group: Hashable  # what the servable needs to run the batch (e.g. LRN mode, size)
+    scalars: Mapping[str, float]  # per-request values, broadcast per sample
+
+    @property
+    def samples(self) -> int:
+        return self.shape[0]
+
+    @property
+    def group(self) -> Hashable:
+        """Requests with equal groups can be concatenated along dim 0."""
+        return (self.shape[1:], self.dtype, self.model_group)
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    outputs: list[torch.Tensor]  # one CPU tensor per work item, in order
+    compute_seconds: float  # assembly, host-to-device, compute, device-to-host
+
+
+class Executor:
+    def __init__(self, servable: Servable, device: torch.device, instances: int) -> None:
+        self.servable = servable
+        self.device = device
+        self.instances = instances
+        self._pool = ThreadPoolExecutor(instances, thread_name_prefix=f"lrnserve-{servable.name}")
+        self._local = threading.local()
+
+    async def run(self, items: Sequence[Work]) -> BatchResult:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self._run, list(items))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    # ---- worker thread side ----
+
+    def _run(self, items: list[Work]) -> BatchResult:
+        start = time.perf_counter()
+        first = items[0]
+        pin = self.device.type == "cuda"
+        total = sum(w.samples for w in items)
+        batch = torch.empty((total, *first.shape[1:]), dtype=first.dtype, pin_memory=pin)
+        flat = batch.view(-1).view(torch.uint8).numpy()
+        offset = 0
+        for work in items:
+            flat[offset : offset + work.payload.size] = work.payload
+            offset += work.payload.size
+        scalars = {
+            name: torch.tensor(
+                np.repeat([w.scalars[name] for w in items], [w.samples for w in items]), dtype=torch.float64
+            )
+            for name in first.scalars
+        }
+        y = self._forward(first.model_group, batch, scalars)
+        outputs = list(torch.split(y, [w.samples for w in items]))
+        return BatchResult(outputs, time.perf_counter() - start)
+
+    def _forward(self, group: Hashable, batch: torch.Tensor, scalars: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.device.type != "cuda":
+            with torch.inference_mode():
+                return self.servable.run(group, batch, scalars)
+        try:
+            return self._forward_cuda(group, batch, scalars)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            n = batch.shape[0]
+            if n == 1:
+                raise ResourceExhausted(
+                    f"model '{self.servable.name}': out of device memory for one sample of shape "
+                    f"{list(batch.shape[1:])}"
+                ) from None
+            half = n // 2
+            logger.warning(
+                "%s: out of device memory at batch %d; retrying as %d + %d",
+                self.servable.name,
+                n,
+                half,
+                n - half,
+            )
+            parts = [
+                self._forward(group, batch[a:b], {k: v[a:b] for k, v in scalars.items()})
+                for a, b in ((0, half), (half, n))
+            ]
+            return torch.cat(parts)
+
+    def _stream(self) -> torch.cuda.Stream:
+        stream = getattr(self._local, "stream", None)
+        if stream is None:
+            stream = torch.cuda.Stream(device=self.device)  # type: ignore[no-untyped-call]
+            self._local.stream = stream
+        return stream
+
+    def _forward_cuda(self, group: Hashable, batch: torch.Tensor, scalars: dict[str, torch.Tensor]) -> torch.Tensor:
+        stream = self._stream()
+        with torch.cuda.stream(stream), torch.inference_mode():
+            x = batch.to(self.device, non_blocking=True)
+            y = self.servable.run(group, x, scalars)
+            out = torch.empty(y.shape, dtype=y.dtype, pin_memory=True)
+            out.copy_(y, non_blocking=True)
+        stream.synchronize()
+        return out

@@ -1,0 +1,77 @@
+"""Transport-neutral request and response objects.
+
+The gRPC layer turns protobuf messages into these (and back) without judging
+them; the dataplane validates them. Tensor payloads stay as the bytes that came
+off the wire until the batcher copies them into a batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+ParameterValue = bool | int | float | str
+
+
+@dataclass(frozen=True)
+class InputTensor:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    raw: bytes | None = None  # raw_input_contents entry, if any
+    contents: np.ndarray | None = None  # typed contents, already as an array
+    contents_field: str | None = None  # which typed field carried them
+
+
+@dataclass(frozen=True)
+class InferenceRequest:
+    model: str
+    version: str
+    id: str
+    inputs: tuple[InputTensor, ...]
+    parameters: dict[str, ParameterValue] = field(default_factory=dict)
+    requested_outputs: tuple[str, ...] = ()
+    # Seconds left before the caller's gRPC deadline, when it set one.
+    time_remaining: float | None = None
+    # How many raw_input_contents entries the message carried (must match the inputs).
+    raw_count: int = 0
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    raw: bytes
+
+
+@dataclass(frozen=True)
+class InferenceResponse:
+    model: str
+    version: str
+    id: str
+    outputs: tuple[OutputTensor, ...]
+
+
+@dataclass(frozen=True)
+class TensorMetadata:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    name: str
+    versions: tuple[str, ...]
+    platform: str
+    inputs: tuple[TensorMetadata, ...]
+    outputs: tuple[TensorMetadata, ...]
+
+
+@dataclass(frozen=True)
+class ServerMetadata:
+    name: str
+    version: str
+    extensions: tuple[str, ...]

@@ -1,0 +1,196 @@
+"""What a served model is: its tensors, its request parameters, and how a batch runs.
+
+Two kinds: the configurable LRN op (``LRNServable``) and the classic networks
+(``NetworkServable``). A servable checks what only it can judge (sample shape,
+parameter names, types and ranges) and says which requests may share a batch
+(``Resolved.group``) and which values vary per request inside one
+(``Resolved.scalars``, broadcast per sample).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass
+from typing import cast
+
+import torch
+
+from lrnserve.client.datatypes import from_torch_name
+
+from .errors import InvalidArgument
+from .inference import ModelMetadata, ParameterValue, TensorMetadata
+from .models import create_network
+from .ops import MODES, Mode, local_response_norm, prepare
+from .settings import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+PLATFORM = "pytorch"
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A request's parameters after validation."""
+
+    group: Hashable
+    scalars: Mapping[str, float]
+
+
+class Servable(ABC):
+    input_name = "input"
+    output_name = "output"
+    parameter_names: tuple[str, ...] = ()
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.config = config
+        self.name = config.name
+
+    @abstractmethod
+    def load(self, device: torch.device) -> str:
+        """Build weights and kernels on ``device`` and warm up; returns a log description."""
+
+    @abstractmethod
+    def check_sample_shape(self, shape: tuple[int, ...]) -> str | None:
+        """Why a per-sample shape (C, H, W) is unacceptable, or None."""
+
+    @abstractmethod
+    def resolve(self, parameters: Mapping[str, ParameterValue]) -> Resolved:
+        """Validate request parameters (reserved protocol ones already removed)."""
+
+    @abstractmethod
+    def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]: ...
+
+    @abstractmethod
+    def run(self, group: Hashable, x: torch.Tensor, scalars: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """One batch of ``group`` on the model's device; scalars: one float64 CPU value per sample."""
+
+    @abstractmethod
+    def metadata(self) -> ModelMetadata: ...
+
+    def _unknown_parameters(self, parameters: Mapping[str, ParameterValue]) -> None:
+        unknown = sorted(set(parameters) - set(self.parameter_names))
+        if unknown:
+            accepted = ", ".join(self.parameter_names) or "none besides timeout and priority"
+            raise InvalidArgument(
+                f"parameters.{unknown[0]}: unknown parameter for model '{self.name}'; accepted: {accepted}"
+            )
+
+
+def _number(name: str, value: ParameterValue, rule: str, minimum: float, inclusive: bool) -> float:
+    """A double (ints accepted) that is finite and above ``minimum``; else INVALID_ARGUMENT."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidArgument(f"parameters.{name}: expected {rule} (double or int), got {value!r}")
+    number = float(value)
+    above = number >= minimum if inclusive else number > minimum
+    if not math.isfinite(number) or not above:
+        raise InvalidArgument(f"parameters.{name}: expected {rule}, got {value!r}")
+    return number
+
+
+class LRNServable(Servable):
+    """The LRN op; request parameters override the configured defaults per request."""
+
+    parameter_names = ("mode", "size", "alpha", "beta", "k")
+    max_size = 4096
+
+    def load(self, device: torch.device) -> str:
+        self.device = device
+        implementation = prepare(device)
+        p = self.config.lrn
+        warm = torch.randn(2, 8, 4, 4, device=device)
+        local_response_norm(warm, p.size, p.alpha, p.beta, p.k, p.mode)
+        return f"{implementation}; defaults size={p.size} alpha={p.alpha} beta={p.beta} k={p.k} mode={p.mode}"
+
+    def check_sample_shape(self, shape: tuple[int, ...]) -> str | None:
+        return None
+
+    def resolve(self, parameters: Mapping[str, ParameterValue]) -> Resolved:
+        self._unknown_parameters(parameters)
+        p = self.config.lrn
+        mode = parameters.get("mode", p.mode)
+        if mode not in MODES:
+            raise InvalidArgument(f"parameters.mode: expected 'across' or 'within', got {mode!r}")
+        size = parameters.get("size", p.size)
+        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= self.max_size:
+            raise InvalidArgument(f"parameters.size: expected an integer in [1, {self.max_size}], got {size!r}")
+        scalars = {
+            "alpha": _number("alpha", parameters.get("alpha", p.alpha), "a finite number >= 0", 0.0, True),
+            "beta": _number("beta", parameters.get("beta", p.beta), "a finite number", -math.inf, False),
+            "k": _number("k", parameters.get("k", p.k), "a finite number > 0", 0.0, False),
+        }
+        return Resolved(group=(mode, size), scalars=scalars)
+
+    def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return input_shape
+
+    def run(self, group: Hashable, x: torch.Tensor, scalars: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        mode, size = cast(tuple[Mode, int], group)
+        return local_response_norm(x, size, scalars["alpha"], scalars["beta"], scalars["k"], mode)
+
+    def metadata(self) -> ModelMetadata:
+        variable = (-1, -1, -1, -1)
+        return ModelMetadata(
+            name=self.name,
+            versions=("1",),
+            platform=PLATFORM,
+            inputs=(TensorMetadata(self.input_name, "FP32", variable),),
+            outputs=(TensorMetadata(self.output_name, "FP32", variable),),
+        )
+
+
+class NetworkServable(Servable):
+    """A classic CNN: images in, class probabilities out, computed in the configured dtype."""
+
+    output_name = "probabilities"
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self.dtype = getattr(torch, config.dtype)
+        self.network = create_network(config.kind, weights=config.weights, seed=config.seed)
+        self.sample_shape = self.network.input_shape
+        self.num_classes = self.network.num_classes
+
+    def load(self, device: torch.device) -> str:
+        self.device = device
+        implementation = prepare(device)
+        self.network = self.network.to(device=device, dtype=self.dtype).eval()
+        with torch.inference_mode():
+            self.network(torch.zeros(1, *self.sample_shape, device=device, dtype=self.dtype))
+        return f"weights: {self.network.weights_source}; LRN: {implementation}"
+
+    def check_sample_shape(self, shape: tuple[int, ...]) -> str | None:
+        if shape != self.sample_shape:
+            expected = ", ".join(str(d) for d in self.sample_shape)
+            return f"expected [N, {expected}] for model '{self.name}'"
+        return None
+
+    def resolve(self, parameters: Mapping[str, ParameterValue]) -> Resolved:
+        self._unknown_parameters(parameters)
+        return Resolved(group=(), scalars={})
+
+    def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (input_shape[0], self.num_classes)
+
+    def run(self, group: Hashable, x: torch.Tensor, scalars: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        y: torch.Tensor = self.network(x.to(self.dtype))
+        return y.to(x.dtype)
+
+    def metadata(self) -> ModelMetadata:
+        wire = from_torch_name(self.config.dtype)
+        datatype = wire.wire if wire else "FP32"
+        return ModelMetadata(
+            name=self.name,
+            versions=("1",),
+            platform=PLATFORM,
+            inputs=(TensorMetadata(self.input_name, datatype, (-1, *self.sample_shape)),),
+            outputs=(TensorMetadata(self.output_name, datatype, (-1, self.num_classes)),),
+        )
+
+
+def create_servable(config: ModelConfig) -> Servable:
+    if config.kind == "lrn":
+        return LRNServable(config)
+    return NetworkServable(config)

@@ -1,0 +1,1 @@
+"""gRPC transport: protobuf <-> domain conversion, servicers, health, error mapping."""

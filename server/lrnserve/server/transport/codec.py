@@ -1,0 +1,110 @@
+"""The one converter between protobuf messages and the domain objects of ``inference``.
+
+It checks only what it needs to convert (a parameter without a value, typed
+contents in several fields); everything else is the dataplane's to judge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from lrnserve.client.pb import grpc_predict_v2_pb2 as pb
+
+from ..errors import InvalidArgument
+from ..inference import (
+    InferenceRequest,
+    InferenceResponse,
+    InputTensor,
+    ModelMetadata,
+    ParameterValue,
+    ServerMetadata,
+)
+
+# Typed contents fields and the numpy dtype their values arrive as.
+CONTENTS_FIELDS = {
+    "bool_contents": np.bool_,
+    "int_contents": np.int32,
+    "int64_contents": np.int64,
+    "uint_contents": np.uint32,
+    "uint64_contents": np.uint64,
+    "fp32_contents": np.float32,
+    "fp64_contents": np.float64,
+}
+
+
+def parameters_from_proto(where: str, params: Mapping[str, pb.InferParameter]) -> dict[str, ParameterValue]:
+    out: dict[str, ParameterValue] = {}
+    for name, param in params.items():
+        kind = param.WhichOneof("parameter_choice")
+        if kind is None:
+            raise InvalidArgument(f"{where}.{name}: parameter has no value")
+        out[name] = getattr(param, kind)
+    return out
+
+
+def _contents(index: int, tensor: pb.ModelInferRequest.InferInputTensor) -> tuple[np.ndarray | None, str | None]:
+    if not tensor.HasField("contents"):
+        return None, None
+    present = [name for name in CONTENTS_FIELDS if len(getattr(tensor.contents, name))]
+    if len(tensor.contents.bytes_contents):
+        present.append("bytes_contents")
+    if not present:
+        return None, None
+    if len(present) > 1:
+        raise InvalidArgument(f"inputs[{index}].contents: values in {' and '.join(present)}; use one field")
+    field = present[0]
+    if field == "bytes_contents":
+        return np.empty(0), field  # never a valid numeric tensor; the dataplane says why
+    return np.array(getattr(tensor.contents, field), dtype=CONTENTS_FIELDS[field]), field
+
+
+def request_from_proto(message: pb.ModelInferRequest, time_remaining: float | None) -> InferenceRequest:
+    raw = message.raw_input_contents
+    inputs = []
+    for i, tensor in enumerate(message.inputs):
+        contents, field = _contents(i, tensor)
+        inputs.append(
+            InputTensor(
+                name=tensor.name,
+                datatype=tensor.datatype,
+                shape=tuple(tensor.shape),
+                raw=raw[i] if i < len(raw) else None,
+                contents=contents,
+                contents_field=field,
+            )
+        )
+    return InferenceRequest(
+        model=message.model_name,
+        version=message.model_version,
+        id=message.id,
+        inputs=tuple(inputs),
+        parameters=parameters_from_proto("parameters", message.parameters),
+        requested_outputs=tuple(output.name for output in message.outputs),
+        time_remaining=time_remaining,
+        raw_count=len(raw),
+    )
+
+
+def response_to_proto(response: InferenceResponse) -> pb.ModelInferResponse:
+    message = pb.ModelInferResponse(model_name=response.model, model_version=response.version, id=response.id)
+    for output in response.outputs:
+        message.outputs.add(name=output.name, datatype=output.datatype, shape=output.shape)
+        message.raw_output_contents.append(output.raw)
+    return message
+
+
+def model_metadata_to_proto(metadata: ModelMetadata) -> pb.ModelMetadataResponse:
+    tensor = pb.ModelMetadataResponse.TensorMetadata
+    return pb.ModelMetadataResponse(
+        name=metadata.name,
+        versions=metadata.versions,
+        platform=metadata.platform,
+        inputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in metadata.inputs],
+        outputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in metadata.outputs],
+    )
+
+
+def server_metadata_to_proto(metadata: ServerMetadata) -> pb.ServerMetadataResponse:
+    return pb.ServerMetadataResponse(name=metadata.name, version=metadata.version, extensions=metadata.extensions)

@@ -1,0 +1,69 @@
+"""The standard grpc.health.v1 service: overall status ("") and one entry per model."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from lrnserve.client.pb import health_pb2, health_pb2_grpc
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+
+
+class HealthService(health_pb2_grpc.HealthServicer):
+    """Statuses start NOT_SERVING; the server flips them as models load and on drain."""
+
+    def __init__(self, services: list[str]) -> None:
+        self._status = dict.fromkeys(["", *services], NOT_SERVING)
+        self._changed = asyncio.Condition()
+        self._closed = False
+
+    async def close(self) -> None:
+        """Everything NOT_SERVING, and Watch streams end so that shutdown need not wait for them."""
+        async with self._changed:
+            self._closed = True
+            for service in self._status:
+                self._status[service] = NOT_SERVING
+            self._changed.notify_all()
+
+    async def set(self, service: str, serving: bool) -> None:
+        async with self._changed:
+            self._status[service] = SERVING if serving else NOT_SERVING
+            self._changed.notify_all()
+
+    async def set_all(self, serving: bool) -> None:
+        async with self._changed:
+            for service in self._status:
+                self._status[service] = SERVING if serving else NOT_SERVING
+            self._changed.notify_all()
+
+    def status(self, service: str) -> int | None:
+        return self._status.get(service)
+
+    async def Check(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> health_pb2.HealthCheckResponse:
+        status = self._status.get(request.service)
+        if status is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service '{request.service}'")
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def Watch(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+        last = None
+        while True:
+            async with self._changed:
+                current = self._status.get(request.service, SERVICE_UNKNOWN)
+                if current == last:
+                    if self._closed:
+                        return
+                    await self._changed.wait()
+                    continue
+            last = current
+            yield health_pb2.HealthCheckResponse(status=current)

@@ -1,0 +1,195 @@
+"""Test helpers: a real server on 127.0.0.1:0 in a background thread, and wire helpers.
+
+The server runs its own asyncio loop in a thread, exactly as ``lrnserve serve``
+runs it, and tests talk to it over a real gRPC channel. Requests are built with
+the generated stubs directly, so these helpers test the wire, not the SDK.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Coroutine, Iterator, Mapping
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+import torch
+
+from lrnserve.client.pb import grpc_predict_v2_pb2 as pb
+from lrnserve.client.pb import grpc_predict_v2_pb2_grpc as pb_grpc
+from lrnserve.server.app import LrnServer
+from lrnserve.server.settings import BatchingPolicy, ModelConfig, ServerSettings
+
+T = TypeVar("T")
+WIRE = {np.dtype("float32"): "FP32", np.dtype("float64"): "FP64", np.dtype("float16"): "FP16"}
+BIG = 512 * 1024 * 1024
+
+
+def settings(*models: ModelConfig, **server: Any) -> ServerSettings:
+    base = ServerSettings(host="127.0.0.1", grpc_port=0, metrics_port=0, grace_seconds=5.0, models=models)
+    return replace(base, **server)
+
+
+def lrn_model(name: str = "lrn", **batching: int) -> ModelConfig:
+    return ModelConfig(name=name, kind="lrn", batching=BatchingPolicy(**batching))
+
+
+class ServerThread:
+    """An in-process LrnServer on its own event loop thread."""
+
+    def __init__(self, server_settings: ServerSettings) -> None:
+        self.server = LrnServer(server_settings)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="test-server", daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        self._thread.start()
+        self.call(self.server.start(), timeout=120)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self, grace: float = 5.0) -> None:
+        if self._thread.is_alive():
+            self.call(self.server.stop(grace), timeout=grace + 30)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=10)
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+        future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return future.result(timeout)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.server.grpc_port}"
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(
+            self.target,
+            options=[("grpc.max_send_message_length", BIG), ("grpc.max_receive_message_length", BIG)],
+        )
+
+
+def infer_request(
+    model: str,
+    x: np.ndarray | torch.Tensor,
+    parameters: Mapping[str, bool | int | float | str] | None = None,
+    name: str = "input",
+    raw: bool = True,
+) -> pb.ModelInferRequest:
+    if isinstance(x, torch.Tensor):
+        datatype = {torch.bfloat16: "BF16"}.get(x.dtype) or WIRE[np.dtype(str(x.dtype).removeprefix("torch."))]
+        data = x.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        shape = list(x.shape)
+    else:
+        datatype, data, shape = WIRE[x.dtype], np.ascontiguousarray(x).tobytes(), list(x.shape)
+    request = pb.ModelInferRequest(model_name=model)
+    tensor = request.inputs.add(name=name, datatype=datatype, shape=shape)
+    if raw:
+        request.raw_input_contents.append(data)
+    else:
+        assert isinstance(x, np.ndarray)
+        field = {"FP32": "fp32_contents", "FP64": "fp64_contents"}[datatype]
+        getattr(tensor.contents, field).extend(x.reshape(-1).tolist())
+    for key, value in (parameters or {}).items():
+        set_parameter(request.parameters[key], value)
+    return request
+
+
+def set_parameter(param: pb.InferParameter, value: bool | int | float | str) -> None:
+    if isinstance(value, bool):
+        param.bool_param = value
+    elif isinstance(value, int):
+        param.int64_param = value
+    elif isinstance(value, float):
+        param.double_param = value
+    else:
+        param.string_param = value
+
+
+def output_array(response: pb.ModelInferResponse) -> np.ndarray:
+    out = response.outputs[0]
+    raw = response.raw_output_contents[0]
+    if out.datatype == "BF16":
+        bits = torch.frombuffer(bytearray(raw), dtype=torch.int16)
+        return bits.view(torch.bfloat16).float().numpy().reshape(tuple(out.shape))
+    dtype = {v: k for k, v in WIRE.items()}[out.datatype]
+    return np.frombuffer(raw, dtype=dtype).reshape(tuple(out.shape))
+
+
+def stub(channel: grpc.Channel) -> pb_grpc.GRPCInferenceServiceStub:
+    return pb_grpc.GRPCInferenceServiceStub(channel)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def serve_process(
+    *args: str, env: Mapping[str, str] | None = None, ready_timeout: float = 120
+) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """``lrnserve serve ARGS`` as a child process on a free loopback port; yields (process, target)."""
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "lrnserve.client.cli",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--grpc-port",
+        str(port),
+    ]
+    proc = subprocess.Popen(
+        [*command, *args],
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    target = f"127.0.0.1:{port}"
+    try:
+        wait_ready(target, proc, ready_timeout)
+        yield proc, target
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        if proc.stdout:
+            proc.stdout.close()
+
+
+def wait_ready(target: str, proc: subprocess.Popen[str] | None, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as channel:
+        client = stub(channel)
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                output = proc.stdout.read() if proc.stdout else ""
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{output}")
+            try:
+                if client.ServerReady(pb.ServerReadyRequest(), timeout=1).ready:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    raise TimeoutError(f"server at {target} not ready after {timeout}s")
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent

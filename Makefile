@@ -15,13 +15,26 @@ TORCH_INDEX ?=
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: serve test install lint typecheck bench clean
+.PHONY: serve test install prometheus lint typecheck bench clean
 
 serve: $(VENV)/.installed
 	$(BIN)/lrnserve serve $(ARGS)
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed prometheus
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The metrics tests run a real Prometheus and promtool: Debian's package, installed when missing.
+prometheus:
+	@if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		sudo=""; [ "$$(id -u)" = 0 ] || sudo="sudo"; \
+		echo "installing Debian's prometheus package (server + promtool) for the metrics tests"; \
+		$$sudo apt-get update -qq && \
+		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus \
+		|| echo "could not install prometheus; the metrics tests will fail and say so" >&2; \
+	else \
+		echo "no apt-get: install Prometheus and promtool yourself; the metrics tests need them" >&2; \
+	fi
 
 install: $(VENV)/.installed
 

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Coroutine, Iterator, Mapping
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -28,6 +29,7 @@ import torch
 
 from lrnserve.client.pb import grpc_predict_v2_pb2 as pb
 from lrnserve.client.pb import grpc_predict_v2_pb2_grpc as pb_grpc
+from lrnserve.server import eventloop
 from lrnserve.server.app import LrnServer
 from lrnserve.server.settings import BatchingPolicy, ModelConfig, ServerSettings
 
@@ -50,7 +52,7 @@ class ServerThread:
 
     def __init__(self, server_settings: ServerSettings) -> None:
         self.server = LrnServer(server_settings)
-        self.loop = asyncio.new_event_loop()
+        self.loop = eventloop.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="test-server", daemon=True)
 
     def __enter__(self) -> ServerThread:
@@ -141,20 +143,12 @@ def free_port() -> int:
 
 @contextmanager
 def serve_process(
-    *args: str, env: Mapping[str, str] | None = None, ready_timeout: float = 120
+    *args: str, env: Mapping[str, str] | None = None, ready_timeout: float = 120, metrics_port: int = 0
 ) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """``lrnserve serve ARGS`` as a child process on a free loopback port; yields (process, target)."""
+    """``lrnserve serve ARGS`` as a child process on free loopback ports; yields (process, target)."""
     port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "lrnserve.client.cli",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--grpc-port",
-        str(port),
-    ]
+    command = [sys.executable, "-m", "lrnserve.client.cli", "serve", "--host", "127.0.0.1"]
+    command += ["--grpc-port", str(port), "--metrics-port", str(metrics_port)]
     proc = subprocess.Popen(
         [*command, *args],
         env={**os.environ, **(env or {})},
@@ -193,3 +187,20 @@ def wait_ready(target: str, proc: subprocess.Popen[str] | None, timeout: float) 
 
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+def scrape(port: int) -> str:
+    """The Prometheus text exposition of a server's metrics endpoint."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return str(response.read().decode())
+
+
+def metric_value(text: str, name: str, **labels: str) -> float | None:
+    """The value of one sample in a Prometheus text exposition, or None when absent."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return None

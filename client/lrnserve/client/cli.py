@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PORT",
         help="Prometheus metrics port (default 8002; 0 = any free port)",
     )
+    serve.add_argument("--no-metrics", action="store_true", help="do not export Prometheus metrics")
     serve.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto: CUDA when available)")
     serve.add_argument("--grace", type=float, metavar="SECONDS", help="drain time on SIGTERM/SIGINT (default 30)")
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="default info")

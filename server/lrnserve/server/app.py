@@ -9,21 +9,28 @@ closes.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import threading
 import time
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
 
 from lrnserve.client.pb import grpc_predict_v2_pb2 as pb
 from lrnserve.client.pb import grpc_predict_v2_pb2_grpc as pb_grpc
 from lrnserve.client.pb import health_pb2, health_pb2_grpc
 
 from .dataplane import DataPlane
-from .repository import ModelRepository
+from .metrics import Metrics
+from .repository import ModelRepository, ServedModel
 from .settings import ServerSettings
+from .statistics import StatisticsStore
+from .telemetry import Telemetry
 from .transport.health import HealthService
-from .transport.service import ErrorInterceptor, InferenceService
+from .transport.service import Guarded, InferenceService
 
 logger = logging.getLogger(__name__)
 
@@ -47,14 +54,39 @@ def grpc_options(settings: ServerSettings) -> list[tuple[str, int]]:
 class LrnServer:
     """One server process: gRPC inference + health + reflection over a model repository."""
 
-    def __init__(self, settings: ServerSettings) -> None:
+    def __init__(self, settings: ServerSettings, registry: CollectorRegistry | None = None) -> None:
         self.settings = settings
-        self.repository = ModelRepository(settings)
-        self.dataplane = DataPlane(self.repository, settings.max_message_bytes)
-        self.health = HealthService([INFERENCE_SERVICE, *self.repository.names()])
+        self.repository = ModelRepository(
+            settings,
+            on_batch=lambda name: functools.partial(self.telemetry.batch_finished, name),
+            on_loaded=self._loaded,
+        )
+        names = self.repository.names()
+        self.registry = registry or CollectorRegistry()
+        metrics = None
+        if settings.metrics_enabled:
+            metrics = Metrics(
+                self.registry,
+                models={m.name: str(m.device) for m in self.repository.models()},
+                queue_capacity={m.name: m.batching.max_queue_size for m in settings.models},
+                max_batch_size=max(m.batching.max_batch_size for m in settings.models),
+                queue_depths=lambda: [
+                    (m.name, m.batcher.queue_depth if m.batcher else 0) for m in self.repository.models()
+                ],
+                devices=lambda: [m.device for m in self.repository.models()],
+            )
+        statistics = StatisticsStore(names)
+        self.telemetry = Telemetry(names, statistics, metrics)
+        self.dataplane = DataPlane(self.repository, statistics, settings.max_message_bytes)
+        self.health = HealthService([INFERENCE_SERVICE, *names])
         self.grpc_port = 0
+        self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
+        self._metrics_http: tuple[WSGIServer, threading.Thread] | None = None
         self._stopped = asyncio.Event()
+
+    def _loaded(self, model: ServedModel) -> None:
+        self.telemetry.model_loaded(model.name, model.load_seconds)
 
     @property
     def address(self) -> str:
@@ -63,9 +95,10 @@ class LrnServer:
 
     async def start(self) -> None:
         """Listen, then load every model; returns once all are ready (raises if one fails)."""
-        server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=grpc_options(self.settings))
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(self.dataplane), server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        server = grpc.aio.server(options=grpc_options(self.settings))
+        guarded = Guarded(InferenceService(self.dataplane), self.telemetry)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(guarded, server)  # type: ignore[arg-type]
+        health_pb2_grpc.add_HealthServicer_to_server(Guarded(self.health), server)  # type: ignore[arg-type]
         reflection.enable_server_reflection((INFERENCE_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
         bind = f"{self.settings.host}:{self.settings.grpc_port}"
         self.grpc_port = server.add_insecure_port(bind)
@@ -74,6 +107,10 @@ class LrnServer:
         await server.start()
         self._server = server
         logger.info("gRPC listening on %s:%d (live; loading models)", self.settings.host, self.grpc_port)
+        if self.telemetry.metrics is not None:
+            self._metrics_http = start_http_server(self.settings.metrics_port, self.settings.host, self.registry)
+            self.metrics_port = int(self._metrics_http[0].server_port)
+            logger.info("metrics on http://%s:%d/metrics", self.settings.host, self.metrics_port)
         start = time.perf_counter()
         try:
             await self.repository.load_all()
@@ -102,6 +139,11 @@ class LrnServer:
             # In-flight RPCs have their answers; give them the rest of the grace to be sent.
             await self._server.stop(max(0.0, deadline - time.monotonic()))
         await self.repository.stop()
+        if self._metrics_http is not None:
+            http, thread = self._metrics_http
+            http.shutdown()
+            http.server_close()
+            thread.join(timeout=5)
         self._stopped.set()
         logger.info("stopped (%s)", "drained" if drained else "grace period exceeded")
         return drained

@@ -10,6 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
+from . import eventloop
 from .app import LrnServer
 from .settings import ConfigError, ServerSettings, load_settings
 
@@ -24,6 +25,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         "device": args.device,
         "grace_seconds": args.grace,
         "log_level": args.log_level,
+        "metrics_enabled": False if args.no_metrics else None,
     }
     return load_settings(Path(args.config) if args.config else None, os.environ, overrides)
 
@@ -62,7 +64,7 @@ def serve(args: argparse.Namespace) -> int:
         stream=sys.stderr,
     )
     try:
-        return asyncio.run(_serve(settings))
+        return eventloop.run(_serve(settings))
     except ConfigError as exc:
         logger.error("configuration error: %s", exc)
         return 2

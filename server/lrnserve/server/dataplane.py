@@ -29,6 +29,7 @@ from .inference import (
 )
 from .repository import ModelRepository, ServedModel
 from .servables import Servable
+from .statistics import ModelStatistics, StatisticsStore
 
 SERVER_NAME = "lrnserve"
 RESERVED_PARAMETERS = ("timeout", "priority")
@@ -46,8 +47,15 @@ def _bytes_text(n: int) -> str:
 
 
 class DataPlane:
-    def __init__(self, repository: ModelRepository, max_tensor_bytes: int, extensions: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        statistics: StatisticsStore,
+        max_tensor_bytes: int,
+        extensions: tuple[str, ...] = ("parameters", "statistics"),
+    ) -> None:
         self.repository = repository
+        self.statistics_store = statistics
         self.max_tensor_bytes = max_tensor_bytes
         self.extensions = extensions
         self.draining = False
@@ -68,6 +76,11 @@ class DataPlane:
 
     def model_metadata(self, name: str, version: str) -> ModelMetadata:
         return self._servable(self.repository.get(name, version)).metadata()
+
+    def statistics(self, name: str, version: str) -> list[tuple[str, ModelStatistics]]:
+        """One model's statistics, or every model's when ``name`` is empty."""
+        names = [self.repository.get(name, version).name] if name else self.repository.names()
+        return [(n, self.statistics_store.get(n)) for n in names]
 
     @staticmethod
     def _servable(model: ServedModel) -> Servable:
@@ -148,14 +161,16 @@ class DataPlane:
 
     @staticmethod
     def _check_data(tensor: InputTensor, datatype: DataType, nbytes: int) -> None:
-        expected = f"{_shape_text(tensor.shape)} {datatype.wire} needs {nbytes} bytes"
         if tensor.raw is not None:
             if tensor.contents_field is not None:
                 raise InvalidArgument(
                     f"inputs[0].contents: give either raw_input_contents or contents.{tensor.contents_field}, not both"
                 )
             if len(tensor.raw) != nbytes:
-                raise InvalidArgument(f"raw_input_contents[0]: {len(tensor.raw)} bytes, but {expected}")
+                raise InvalidArgument(
+                    f"raw_input_contents[0]: {len(tensor.raw)} bytes, but {_shape_text(tensor.shape)} "
+                    f"{datatype.wire} needs {nbytes} bytes"
+                )
             return
         if tensor.contents is None or tensor.contents_field is None:
             field = f" or contents.{datatype.contents_field}" if datatype.contents_field else ""

@@ -58,7 +58,13 @@ class Executor:
         self.servable = servable
         self.device = device
         self.instances = instances
-        self._pool = ThreadPoolExecutor(instances, thread_name_prefix=f"lrnserve-{servable.name}")
+        # Autograd is off for the life of each instance thread, not toggled per batch.
+        self._pool = ThreadPoolExecutor(
+            instances,
+            thread_name_prefix=f"lrnserve-{servable.name}",
+            initializer=torch.set_grad_enabled,
+            initargs=(False,),
+        )
         self._local = threading.local()
 
     async def run(self, items: Sequence[Work]) -> BatchResult:
@@ -81,20 +87,25 @@ class Executor:
         for work in items:
             flat[offset : offset + work.payload.size] = work.payload
             offset += work.payload.size
-        scalars = {
-            name: torch.tensor(
-                np.repeat([w.scalars[name] for w in items], [w.samples for w in items]), dtype=torch.float64
-            )
-            for name in first.scalars
-        }
+        scalars = {name: self._per_sample(items, name) for name in first.scalars}
         y = self._forward(first.model_group, batch, scalars)
-        outputs = list(torch.split(y, [w.samples for w in items]))
+        outputs, offset = [], 0
+        for work in items:
+            outputs.append(y[offset : offset + work.samples])
+            offset += work.samples
         return BatchResult(outputs, time.perf_counter() - start)
+
+    @staticmethod
+    def _per_sample(items: list[Work], name: str) -> torch.Tensor:
+        """One float64 value per sample of the batch: each request's value, repeated."""
+        if len(items) == 1:
+            return torch.full((items[0].samples,), items[0].scalars[name], dtype=torch.float64)
+        values = [w.scalars[name] for w in items for _ in range(w.samples)]
+        return torch.tensor(values, dtype=torch.float64)
 
     def _forward(self, group: Hashable, batch: torch.Tensor, scalars: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.device.type != "cuda":
-            with torch.inference_mode():
-                return self.servable.run(group, batch, scalars)
+            return self.servable.run(group, batch, scalars)
         try:
             return self._forward_cuda(group, batch, scalars)
         except torch.cuda.OutOfMemoryError:
@@ -128,7 +139,7 @@ class Executor:
 
     def _forward_cuda(self, group: Hashable, batch: torch.Tensor, scalars: dict[str, torch.Tensor]) -> torch.Tensor:
         stream = self._stream()
-        with torch.cuda.stream(stream), torch.inference_mode():
+        with torch.cuda.stream(stream):
             x = batch.to(self.device, non_blocking=True)
             y = self.servable.run(group, x, scalars)
             out = torch.empty(y.shape, dtype=y.dtype, pin_memory=True)

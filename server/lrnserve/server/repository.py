@@ -33,6 +33,8 @@ def resolve_device(requested: str, server_default: str) -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"device: {name!r} requested but this torch build sees no CUDA device")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ConfigError(f"device: {name!r} requested but only {torch.cuda.device_count()} CUDA devices exist")
     return device

@@ -23,7 +23,7 @@ from lrnserve.client.datatypes import from_torch_name
 from .errors import InvalidArgument
 from .inference import ModelMetadata, ParameterValue, TensorMetadata
 from .models import create_network
-from .ops import MODES, Mode, local_response_norm, prepare
+from .ops import MODES, Mode, local_response_norm, local_response_norm_checked, prepare
 from .settings import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ class LRNServable(Servable):
 
     def run(self, group: Hashable, x: torch.Tensor, scalars: Mapping[str, torch.Tensor]) -> torch.Tensor:
         mode, size = cast(tuple[Mode, int], group)
-        return local_response_norm(x, size, scalars["alpha"], scalars["beta"], scalars["k"], mode)
+        return local_response_norm_checked(x, size, scalars["alpha"], scalars["beta"], scalars["k"], mode)
 
     def metadata(self) -> ModelMetadata:
         variable = (-1, -1, -1, -1)

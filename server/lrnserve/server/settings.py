@@ -9,6 +9,7 @@ message names the offending key (``models.alexnet.max_batch_size``) or variable.
     host = "0.0.0.0"            # LRNSERVE_HOST
     grpc_port = 8001            # LRNSERVE_GRPC_PORT; 0 picks a free port
     metrics_port = 8002         # LRNSERVE_METRICS_PORT; 0 picks a free port
+    metrics_enabled = true      # LRNSERVE_METRICS_ENABLED: Prometheus endpoint and metrics
     device = "auto"             # LRNSERVE_DEVICE: auto | cpu | cuda | cuda:N
     grace_seconds = 30          # LRNSERVE_GRACE_SECONDS: drain time on SIGTERM
     log_level = "info"          # LRNSERVE_LOG_LEVEL
@@ -22,7 +23,8 @@ message names the offending key (``models.alexnet.max_batch_size``) or variable.
     beta = 0.75
     k = 1.0
     max_batch_size = 32         # samples per batch
-    max_queue_delay_us = 500    # how long the oldest request may wait for a fuller batch
+    max_queue_delay_us = 0      # how long the oldest request may wait for a fuller batch (0: no
+                                # waiting; batches still form from what queues while a batch runs)
     max_queue_size = 256        # queued requests before RESOURCE_EXHAUSTED
     instances = 1               # concurrent batches (worker threads / CUDA streams)
     device = "auto"             # overrides [server].device for this model
@@ -58,7 +60,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class BatchingPolicy:
     max_batch_size: int = 32
-    max_queue_delay_us: int = 500
+    max_queue_delay_us: int = 0
     max_queue_size: int = 256
 
 
@@ -84,6 +86,7 @@ class ServerSettings:
     grace_seconds: float = 30.0
     log_level: str = "info"
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    metrics_enabled: bool = True
     models: tuple[ModelConfig, ...] = field(default_factory=lambda: default_models())
 
 
@@ -130,6 +133,14 @@ def _text(key: str, value: object) -> str:
     return value.strip()
 
 
+def _boolean(key: str, value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    raise ConfigError(f"{key}: expected true or false, got {value!r}")
+
+
 def _device(key: str, value: object) -> str:
     text = _text(key, value).lower()
     if text in ("auto", "cpu", "cuda"):
@@ -147,6 +158,7 @@ _SERVER_KEYS: dict[str, Callable[[str, object], Any]] = {
     "grace_seconds": lambda k, v: _number(k, v, 0.0),
     "log_level": lambda k, v: _choice(k, v, LOG_LEVELS),
     "max_message_bytes": lambda k, v: _integer(k, v, 1024, 2**31 - 1),
+    "metrics_enabled": _boolean,
 }
 
 _MODEL_KEYS = (

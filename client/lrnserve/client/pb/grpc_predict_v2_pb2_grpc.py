@@ -64,6 +64,11 @@ class GRPCInferenceServiceStub:
                 request_serializer=lrnserve_dot_client_dot_pb_dot_grpc__predict__v2__pb2.ModelInferRequest.SerializeToString,
                 response_deserializer=lrnserve_dot_client_dot_pb_dot_grpc__predict__v2__pb2.ModelInferResponse.FromString,
                 _registered_method=True)
+        self.ModelStatistics = channel.unary_unary(
+                '/inference.GRPCInferenceService/ModelStatistics',
+                request_serializer=lrnserve_dot_client_dot_pb_dot_grpc__predict__v2__pb2.ModelStatisticsRequest.SerializeToString,
+                response_deserializer=lrnserve_dot_client_dot_pb_dot_grpc__predict__v2__pb2.ModelStatisticsResponse.FromString,
+                _registered_method=True)
 
 
 class GRPCInferenceServiceServicer:
@@ -108,6 +113,13 @@ class GRPCInferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ModelStatistics(self, request, context):
+        """Cumulative per-model statistics (Triton's statistics extension; its field numbers).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GRPCInferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -140,6 +152,11 @@ def add_GRPCInferenceServiceServicer_to_server(servicer, server):
                     servicer.ModelInfer,
                     request_deserializer=lrnserve_dot_client_dot_pb_dot_grpc__predict__v2__pb2.ModelInferRequest.FromString,
                     response_serializer=lrnserve_dot_client_dot_pb_dot_grpc__predict__v2__pb2.ModelInferResponse.SerializeToString,
+            ),
+            'ModelStatistics': grpc.unary_unary_rpc_method_handler(
+                    servicer.ModelStatistics,
+                    request_deserializer=lrnserve_dot_client_dot_pb_dot_grpc__predict__v2__pb2.ModelStatisticsRequest.FromString,
+                    response_serializer=lrnserve_dot_client_dot_pb_dot_grpc__predict__v2__pb2.ModelStatisticsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -304,6 +321,33 @@ class GRPCInferenceService:
             '/inference.GRPCInferenceService/ModelInfer',
             lrnserve_dot_client_dot_pb_dot_grpc__predict__v2__pb2.ModelInferRequest.SerializeToString,
             lrnserve_dot_client_dot_pb_dot_grpc__predict__v2__pb2.ModelInferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ModelStatistics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inference.GRPCInferenceService/ModelStatistics',
+            lrnserve_dot_client_dot_pb_dot_grpc__predict__v2__pb2.ModelStatisticsRequest.SerializeToString,
+            lrnserve_dot_client_dot_pb_dot_grpc__predict__v2__pb2.ModelStatisticsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,6 +1,13 @@
 """LRN operators: the fused op, its module, and parameter conventions."""
 
-from .lrn import SUPPORTED_DTYPES, LocalResponseNorm, PerSample, local_response_norm, prepare
+from .lrn import (
+    SUPPORTED_DTYPES,
+    LocalResponseNorm,
+    PerSample,
+    local_response_norm,
+    local_response_norm_checked,
+    prepare,
+)
 from .params import MODES, LRNParams, Mode
 
 __all__ = [
@@ -11,5 +18,6 @@ __all__ = [
     "Mode",
     "PerSample",
     "local_response_norm",
+    "local_response_norm_checked",
     "prepare",
 ]

@@ -95,6 +95,14 @@ def local_response_norm(
         _BETA.per_sample(beta, batch),
         _K.per_sample(k, batch),
     )
+    return local_response_norm_checked(x, size, alpha_t, beta_t, k_t, mode)
+
+
+def local_response_norm_checked(
+    x: torch.Tensor, size: int, alpha: torch.Tensor, beta: torch.Tensor, k: torch.Tensor, mode: Mode
+) -> torch.Tensor:
+    """:func:`local_response_norm` for arguments validated already (the server's batches):
+    x a supported NCHW tensor; alpha, beta, k contiguous float64 CPU tensors, one value per sample."""
     if x.numel() == 0:
         return torch.empty_like(x, memory_format=torch.contiguous_format)
     needs_graph = x.requires_grad and torch.is_grad_enabled()
@@ -103,9 +111,9 @@ def local_response_norm(
         if kernel is not None:
             source = x.contiguous()
             out = torch.empty_like(source, memory_format=torch.contiguous_format)
-            kernel.forward(source, out, mode, size, alpha_t, beta_t, k_t)
+            kernel.forward(source, out, mode, size, alpha, beta, k)
             return out
-    return local_response_norm_composed(x, size, alpha_t, beta_t, k_t, mode)
+    return local_response_norm_composed(x, size, alpha, beta, k, mode)
 
 
 def prepare(device: torch.device | str = "cpu") -> str:

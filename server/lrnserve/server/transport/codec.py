@@ -21,6 +21,7 @@ from ..inference import (
     ParameterValue,
     ServerMetadata,
 )
+from ..statistics import Duration, ModelStatistics
 
 # Typed contents fields and the numpy dtype their values arrive as.
 CONTENTS_FIELDS = {
@@ -108,3 +109,27 @@ def model_metadata_to_proto(metadata: ModelMetadata) -> pb.ModelMetadataResponse
 
 def server_metadata_to_proto(metadata: ServerMetadata) -> pb.ServerMetadataResponse:
     return pb.ServerMetadataResponse(name=metadata.name, version=metadata.version, extensions=metadata.extensions)
+
+
+def _duration(d: Duration) -> pb.StatisticDuration:
+    return pb.StatisticDuration(count=d.count, ns=d.ns)
+
+
+def statistics_to_proto(models: list[tuple[str, ModelStatistics]]) -> pb.ModelStatisticsResponse:
+    response = pb.ModelStatisticsResponse()
+    for name, stats in models:
+        entry = response.model_stats.add(
+            name=name,
+            version="1",
+            last_inference=stats.last_inference_ms,
+            inference_count=stats.inference_count,
+            execution_count=stats.execution_count,
+        )
+        entry.inference_stats.success.CopyFrom(_duration(stats.success))
+        entry.inference_stats.fail.CopyFrom(_duration(stats.fail))
+        entry.inference_stats.queue.CopyFrom(_duration(stats.queue))
+        entry.inference_stats.compute_infer.CopyFrom(_duration(stats.compute_infer))
+        for size in sorted(stats.batches):
+            batch = entry.batch_stats.add(batch_size=size)
+            batch.compute_infer.CopyFrom(_duration(stats.batches[size]))
+    return response

@@ -1,17 +1,22 @@
 """The Open Inference Protocol v2 servicer and the one place errors become statuses.
 
-The servicer only converts (``codec``) and delegates (``DataPlane``). The
-``ErrorInterceptor`` wraps every RPC of every service: a ``ServingError``
-becomes its status and message; anything unexpected is logged with its
-traceback and answered INTERNAL with a generic message.
+The servicer only converts (``codec``) and delegates (``DataPlane``).
+``Guarded`` wraps every RPC of a service: a ``ServingError`` becomes its
+status and message; anything unexpected is logged with its traceback and
+answered INTERNAL with a generic message. For ModelInfer it also reports each
+call's outcome and duration to ``Telemetry``. (A wrapper rather than a server
+interceptor: grpc.aio runs interceptors as an extra coroutine per call, which
+cost about a tenth of the server's throughput on small requests.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeAlias, cast
+from typing import Any, TypeAlias
 
 import grpc
 
@@ -20,6 +25,7 @@ from lrnserve.client.pb import grpc_predict_v2_pb2_grpc as pb_grpc
 
 from ..dataplane import DataPlane
 from ..errors import ServingError
+from ..telemetry import Telemetry
 from . import codec
 
 logger = logging.getLogger(__name__)
@@ -49,10 +55,25 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         inference = codec.request_from_proto(request, context.time_remaining())
         return codec.response_to_proto(await self.dataplane.infer(inference))
 
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context) -> pb.ModelStatisticsResponse:
+        return codec.statistics_to_proto(self.dataplane.statistics(request.name, request.version))
+
 
 Unary = Callable[[Any, "Context"], Awaitable[Any]]
 Streaming = Callable[[Any, "Context"], AsyncIterator[Any]]
-Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+
+
+INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def status_of(exc: BaseException, context: Context) -> grpc.StatusCode:
+    if isinstance(exc, ServingError):
+        return exc.code
+    if isinstance(exc, asyncio.CancelledError):
+        remaining = context.time_remaining()
+        expired = remaining is not None and remaining <= 0
+        return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.INTERNAL
 
 
 async def _abort_for(exc: Exception, method: str, context: Context) -> None:
@@ -62,48 +83,69 @@ async def _abort_for(exc: Exception, method: str, context: Context) -> None:
     await context.abort(grpc.StatusCode.INTERNAL, "internal server error; the server log has the details")
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps exceptions to gRPC statuses for every unary and server-streaming RPC."""
+class Guarded:
+    """A servicer whose every RPC maps exceptions to statuses: the one place that does.
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        # The aio server's handlers are coroutine functions and async generators, whatever
-        # the (sync) type stubs say; RpcMethodHandler is a namedtuple.
-        replace = cast(Any, handler)._replace
-        if handler.unary_unary is not None:
-            return cast(Handler, replace(unary_unary=self._wrap_unary(method, cast(Unary, handler.unary_unary))))
-        if handler.unary_stream is not None:
-            return cast(Handler, replace(unary_stream=self._wrap_stream(method, cast(Streaming, handler.unary_stream))))
-        return handler
+    Wraps each coroutine method (unary RPCs) and async-generator method (server
+    streaming) of ``servicer`` once, when the generated ``add_*_to_server``
+    looks it up, so no RPC of a guarded service can be left out. ModelInfer also
+    reports its outcome and duration to ``telemetry``.
+    """
 
-    @staticmethod
-    def _wrap_unary(method: str, inner: Unary) -> Unary:
-        async def call(request: Any, context: Context) -> Any:
-            try:
-                return await inner(request, context)
-            except (asyncio.CancelledError, grpc.aio.AbortError):
-                raise
-            except Exception as exc:
-                await _abort_for(exc, method, context)
+    def __init__(self, servicer: object, telemetry: Telemetry | None = None) -> None:
+        self._servicer = servicer
+        self._telemetry = telemetry
 
-        return call
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._servicer, name)
+        path = f"{type(self._servicer).__name__}.{name}"
+        if inspect.isasyncgenfunction(method):
+            wrapped: Any = _wrap_stream(path, method)
+        elif inspect.iscoroutinefunction(method):
+            inner = _account(self._telemetry, method) if name == "ModelInfer" and self._telemetry else method
+            wrapped = _wrap_unary(path, inner)
+        else:
+            return method
+        setattr(self, name, wrapped)  # later lookups skip __getattr__
+        return wrapped
 
-    @staticmethod
-    def _wrap_stream(method: str, inner: Streaming) -> Streaming:
-        async def call(request: Any, context: Context) -> AsyncIterator[Any]:
-            try:
-                async for item in inner(request, context):
-                    yield item
-            except (asyncio.CancelledError, grpc.aio.AbortError):
-                raise
-            except Exception as exc:
-                await _abort_for(exc, method, context)
 
-        return call
+def _account(telemetry: Telemetry, inner: Unary) -> Unary:
+    async def call(request: pb.ModelInferRequest, context: Context) -> Any:
+        telemetry.request_started()
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            return await inner(request, context)
+        except BaseException as exc:
+            code = status_of(exc, context)
+            raise
+        finally:
+            telemetry.request_finished(request.model_name, code, time.perf_counter() - start)
+
+    return call
+
+
+def _wrap_unary(method: str, inner: Unary) -> Unary:
+    async def call(request: Any, context: Context) -> Any:
+        try:
+            return await inner(request, context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            await _abort_for(exc, method, context)
+
+    return call
+
+
+def _wrap_stream(method: str, inner: Streaming) -> Streaming:
+    async def call(request: Any, context: Context) -> AsyncIterator[Any]:
+        try:
+            async for item in inner(request, context):
+                yield item
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            await _abort_for(exc, method, context)
+
+    return call

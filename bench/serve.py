@@ -1,0 +1,233 @@
+"""Serving benchmark: lrnserve over gRPC with and without dynamic batching, against the ceiling.
+
+Starts ``lrnserve serve`` twice on loopback (batching with max_batch_size 32, then
+max_batch_size 1) and drives closed-loop load with lrnserve's own load
+generator (``lrnserve.client.loadgen``, the engine of ``lrnserve bench``) at
+each concurrency. The ceiling is the same model called in-process at the batch
+sizes the batcher actually formed (read from the ModelStatistics RPC). A last
+pass compares the batching server with Prometheus metrics on and off.
+
+    python bench/serve.py [--duration 5] [--concurrency 1,8,32] [--cases lrn96,lrn16,alexnet]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import torch
+
+from lrnserve.client.loadgen import LoadResult, run_load
+from lrnserve.client.pb import grpc_predict_v2_pb2 as pb
+from lrnserve.client.pb import grpc_predict_v2_pb2_grpc as pb_grpc
+from lrnserve.server.models import create_network
+from lrnserve.server.ops import local_response_norm
+
+
+@dataclass(frozen=True)
+class Case:
+    key: str
+    model: str
+    shape: tuple[int, int, int, int]
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} {list(self.shape)}"
+
+
+CASES = {
+    c.key: c
+    for c in (
+        Case("lrn96", "lrn", (1, 96, 55, 55)),
+        Case("lrn16", "lrn", (1, 16, 8, 8)),
+        Case("alexnet", "alexnet", (1, 3, 227, 227)),
+    )
+}
+
+
+DELAY_US = int(os.environ.get("BENCH_DELAY_US", "0"))
+
+
+def config_text(max_batch_size: int, delay: int = DELAY_US) -> str:
+    return "\n".join(
+        f"[models.{name}]\nmax_batch_size = {max_batch_size}\nmax_queue_delay_us = {delay}\nmax_queue_size = 1024\n"
+        for name in ("lrn", "alexnet")
+    )
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def server(max_batch_size: int, metrics: bool = True) -> Iterator[str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "bench.toml"
+        config.write_text(config_text(max_batch_size))
+        port = free_port()
+        command = [sys.executable, "-m", "lrnserve.client.cli", "serve", "--config", str(config)]
+        command += ["--host", "127.0.0.1", "--grpc-port", str(port), "--metrics-port", "0", "--log-level", "warning"]
+        if not metrics:
+            command.append("--no-metrics")
+        proc = subprocess.Popen(command, env=os.environ.copy())
+        target = f"127.0.0.1:{port}"
+        try:
+            with grpc.insecure_channel(target) as channel:
+                client = pb_grpc.GRPCInferenceServiceStub(channel)
+                deadline = time.monotonic() + 180
+                while True:
+                    try:
+                        if client.ServerReady(pb.ServerReadyRequest(), timeout=1).ready:
+                            break
+                    except grpc.RpcError:
+                        pass
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError("server did not start")
+                    time.sleep(0.2)
+            yield target
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+
+
+def request_for(case: Case) -> pb.ModelInferRequest:
+    x = np.random.default_rng(0).standard_normal(case.shape).astype(np.float32)
+    request = pb.ModelInferRequest(model_name=case.model)
+    request.inputs.add(name="input", datatype="FP32", shape=list(case.shape))
+    request.raw_input_contents.append(x.tobytes())
+    return request
+
+
+def batch_counts(target: str, model: str) -> dict[int, int]:
+    with grpc.insecure_channel(target) as channel:
+        client = pb_grpc.GRPCInferenceServiceStub(channel)
+        (stats,) = client.ModelStatistics(pb.ModelStatisticsRequest(name=model), timeout=10).model_stats
+    return {b.batch_size: b.compute_infer.count for b in stats.batch_stats}
+
+
+@dataclass
+class Cell:
+    result: LoadResult
+    batches: dict[int, int]  # batch size -> executions during this run
+
+    @property
+    def mean_batch(self) -> float:
+        n = sum(self.batches.values())
+        return sum(size * count for size, count in self.batches.items()) / n if n else 0.0
+
+
+def measure_server(
+    max_batch_size: int, cases: list[Case], concurrencies: list[int], duration: float, metrics: bool = True
+) -> dict[tuple[str, int], Cell]:
+    cells = {}
+    with server(max_batch_size, metrics) as target:
+        for case in cases:
+            request = request_for(case)
+            for concurrency in concurrencies:
+                before = batch_counts(target, case.model)
+                result = run_load(target, request, concurrency, duration, warmup=1.0)
+                after = batch_counts(target, case.model)
+                formed = {
+                    size: after[size] - before.get(size, 0) for size in after if after[size] > before.get(size, 0)
+                }
+                cells[(case.key, concurrency)] = Cell(result, formed)
+                print(
+                    f"  max_batch_size={max_batch_size:<3} metrics={'on' if metrics else 'off':3} {case.label:24} "
+                    f"c={concurrency:<3} {result.throughput:9.1f}/s  p50 {result.latency(50) * 1e3:7.2f} ms  "
+                    f"mean batch {cells[(case.key, concurrency)].mean_batch:5.1f}  errors {dict(result.errors)}",
+                    flush=True,
+                )
+    return cells
+
+
+def in_process_seconds(case: Case, batch: int, reps: int = 15) -> float:
+    """Median time of the model itself on a batch of ``batch`` samples."""
+    x = torch.randn(batch, *case.shape[1:])
+    if case.model == "lrn":
+        fn = lambda: local_response_norm(x, 5)  # noqa: E731
+    else:
+        net = NETWORKS.setdefault(case.model, create_network(case.model))
+        fn = lambda: net(x)  # noqa: E731
+    with torch.inference_mode():
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+NETWORKS: dict[str, torch.nn.Module] = {}
+
+
+def ceiling(case: Case, batches: dict[int, int]) -> float:
+    """Samples/s of the in-process model running exactly the batches the server ran."""
+    samples = sum(size * count for size, count in batches.items())
+    seconds = sum(count * in_process_seconds(case, size) for size, count in batches.items())
+    return samples / seconds if seconds else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per cell (default 5)")
+    parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"subset of {', '.join(CASES)}")
+    parser.add_argument("--skip-metrics-overhead", action="store_true")
+    args = parser.parse_args()
+    cases = [CASES[key] for key in args.cases.split(",")]
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs; server and client share this machine")
+    batched = measure_server(32, cases, concurrencies, args.duration)
+    unbatched = measure_server(1, cases, concurrencies, args.duration)
+    overhead: dict[str, tuple[float, float]] = {}
+    if not args.skip_metrics_overhead:
+        top = max(concurrencies)
+        off = measure_server(32, cases, [top], args.duration, metrics=False)
+        for case in cases:
+            overhead[case.label] = (batched[(case.key, top)].result.throughput, off[(case.key, top)].result.throughput)
+
+    print("\nthroughput in requests/s (one sample each); latency in ms; ceiling = in-process model at the")
+    print("batch sizes the batcher formed")
+    header = (
+        f"{'case':26}{'conc':>5}{'batched/s':>11}{'p50':>8}{'p99':>8}{'unbatched/s':>13}{'p50':>8}{'p99':>8}"
+        f"{'batch/unb':>10}{'mean batch':>11}{'ceiling/s':>11}{'served/ceil':>12}"
+    )
+    print(header)
+    print("-" * len(header))
+    for case in cases:
+        for concurrency in concurrencies:
+            b, u = batched[(case.key, concurrency)], unbatched[(case.key, concurrency)]
+            top = ceiling(case, b.batches)
+            print(
+                f"{case.label:26}{concurrency:>5}{b.result.throughput:11.1f}{b.result.latency(50) * 1e3:8.2f}"
+                f"{b.result.latency(99) * 1e3:8.2f}{u.result.throughput:13.1f}{u.result.latency(50) * 1e3:8.2f}"
+                f"{u.result.latency(99) * 1e3:8.2f}{b.result.throughput / u.result.throughput:9.2f}x"
+                f"{b.mean_batch:11.1f}{top:11.1f}{b.result.throughput / top:11.0%}"
+            )
+    if overhead:
+        print(f"\nmetrics overhead at concurrency {max(concurrencies)} (batching server)")
+        for label, (on, off) in overhead.items():
+            print(f"  {label:26} metrics on {on:9.1f}/s  off {off:9.1f}/s  on/off {on / off:6.1%}")
+
+
+if __name__ == "__main__":
+    main()

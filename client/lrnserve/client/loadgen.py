@@ -1,0 +1,147 @@
+"""Closed-loop load generation over gRPC: the engine of ``lrnserve bench`` and bench/serve.py.
+
+``concurrency`` workers each keep exactly one ModelInfer call outstanding for
+``duration`` seconds (after an untimed warm-up). The request is serialized once
+and responses are not parsed, so the client spends as little CPU as possible
+on a machine it may share with the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+
+from .pb import grpc_predict_v2_pb2 as pb
+
+INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile of already sorted values (q in [0, 100])."""
+    if not sorted_values:
+        return math.nan
+    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+@dataclass
+class LoadResult:
+    concurrency: int
+    seconds: float
+    latencies: list[float] = field(default_factory=list)  # of successful calls, seconds
+    errors: Counter[str] = field(default_factory=Counter)  # status code name -> count
+
+    @property
+    def ok(self) -> int:
+        return len(self.latencies)
+
+    @property
+    def throughput(self) -> float:
+        return self.ok / self.seconds if self.seconds > 0 else 0.0
+
+    def latency(self, q: float) -> float:
+        return percentile(sorted(self.latencies), q)
+
+    def summary(self) -> dict[str, object]:
+        ordered = sorted(self.latencies)
+        return {
+            "concurrency": self.concurrency,
+            "seconds": round(self.seconds, 3),
+            "requests": self.ok,
+            "throughput": self.throughput,
+            "p50_ms": percentile(ordered, 50) * 1e3,
+            "p90_ms": percentile(ordered, 90) * 1e3,
+            "p99_ms": percentile(ordered, 99) * 1e3,
+            "max_ms": (ordered[-1] if ordered else math.nan) * 1e3,
+            "errors": dict(self.errors),
+        }
+
+
+Progress = Callable[[float, int, int], None]  # (fraction done, ok so far, errors so far)
+
+
+async def _run(
+    target: str,
+    payload: bytes,
+    concurrency: int,
+    duration: float,
+    warmup: float,
+    timeout: float | None,
+    progress: Progress | None,
+    channel_options: Sequence[tuple[str, object]],
+) -> LoadResult:
+    options = [
+        ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+        *channel_options,
+    ]
+    async with grpc.aio.insecure_channel(target, options=options) as channel:
+        # bytes in, bytes out: no (de)serialization
+        call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(INFER_METHOD)
+        result = LoadResult(concurrency, 0.0)
+        start = time.perf_counter()
+        measure_from = start + warmup
+        stop_at = measure_from + duration
+
+        async def worker() -> None:
+            while True:
+                sent = time.perf_counter()
+                if sent >= stop_at:
+                    return
+                try:
+                    await call(payload, timeout=timeout)
+                    code = "OK"
+                except grpc.aio.AioRpcError as exc:
+                    code = exc.code().name
+                done = time.perf_counter()
+                if sent >= measure_from:
+                    if code == "OK":
+                        result.latencies.append(done - sent)
+                    else:
+                        result.errors[code] += 1
+
+        async def report() -> None:
+            while True:
+                await asyncio.sleep(0.5)
+                now = time.perf_counter()
+                fraction = min(1.0, max(0.0, (now - start) / (warmup + duration)))
+                if progress is not None:
+                    progress(fraction, result.ok, sum(result.errors.values()))
+
+        reporter = asyncio.create_task(report())
+        try:
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+        finally:
+            reporter.cancel()
+        # Calls that started before the deadline finish after it; count the time they took.
+        result.seconds = max(time.perf_counter(), stop_at) - measure_from
+        if progress is not None:
+            progress(1.0, result.ok, sum(result.errors.values()))
+        return result
+
+
+def run_load(
+    target: str,
+    request: pb.ModelInferRequest,
+    concurrency: int,
+    duration: float,
+    *,
+    warmup: float = 1.0,
+    timeout: float | None = 60.0,
+    progress: Progress | None = None,
+    channel_options: Sequence[tuple[str, object]] = (),
+) -> LoadResult:
+    """Closed-loop load at one concurrency; blocks for ``warmup + duration`` seconds."""
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    if duration <= 0:
+        raise ValueError(f"duration must be > 0 seconds, got {duration}")
+    payload = request.SerializeToString()
+    return asyncio.run(_run(target, payload, concurrency, duration, warmup, timeout, progress, channel_options))

@@ -1,0 +1,173 @@
+"""Every Prometheus metric lrnserve exports, declared in one place on a registry passed in.
+
+Names use the ``lrnserve_`` prefix and base units; labels are ``model``
+everywhere, ``code`` on the request counter (the gRPC status name), ``device``
+on compute time and device memory. Nothing is registered at import time.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+from lrnserve.client._version import __version__
+
+from .batching import BatchRecord
+
+# 50 µs to 30 s.
+LATENCY_BUCKETS = (
+    50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+
+
+def batch_size_buckets(max_batch_size: int) -> tuple[float, ...]:
+    """1, 2, 4, ... up to the first power of two >= the largest configured batch."""
+    buckets, size = [], 1
+    while True:
+        buckets.append(float(size))
+        if size >= max_batch_size:
+            return tuple(buckets)
+        size *= 2
+
+
+class _QueueDepth(Collector):
+    def __init__(self, depths: Callable[[], Iterable[tuple[str, int]]]) -> None:
+        self._depths = depths
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("lrnserve_queue_depth", "Requests waiting in the model's queue.", labels=["model"])
+        for model, depth in self._depths():
+            family.add_metric([model], depth)
+        yield family
+
+
+class _DeviceMemory(Collector):
+    """CUDA memory allocated by torch on each device models use; nothing on CPU-only servers."""
+
+    def __init__(self, devices: Callable[[], Iterable[torch.device]]) -> None:
+        self._devices = devices
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        cuda = sorted({d.index or 0 for d in self._devices() if d.type == "cuda"})
+        if not cuda:
+            return
+        family = GaugeMetricFamily(
+            "lrnserve_device_memory_bytes", "Device memory allocated by torch.", labels=["device"]
+        )
+        for index in cuda:
+            family.add_metric([f"cuda:{index}"], torch.cuda.memory_allocated(index))
+        yield family
+
+
+class Metrics:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        models: dict[str, str],
+        queue_capacity: dict[str, int],
+        max_batch_size: int,
+        queue_depths: Callable[[], Iterable[tuple[str, int]]],
+        devices: Callable[[], Iterable[torch.device]],
+    ) -> None:
+        """``models``: each served model's device label; ``queue_capacity``: its max_queue_size."""
+        self.registry = registry
+        self.request_duration = Histogram(
+            "lrnserve_request_duration_seconds",
+            "Server-side time from receiving a ModelInfer call to answering it.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.queue_duration = Histogram(
+            "lrnserve_queue_duration_seconds",
+            "Time a request waited in its model's queue before its batch started.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.compute_duration = Histogram(
+            "lrnserve_compute_duration_seconds",
+            "Time to execute one batch, host-to-device and device-to-host copies included.",
+            ["model", "device"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "lrnserve_batch_size",
+            "Samples per executed batch.",
+            ["model"],
+            buckets=batch_size_buckets(max_batch_size),
+            registry=registry,
+        )
+        self.requests = Counter(
+            "lrnserve_requests", "ModelInfer requests by gRPC status code.", ["model", "code"], registry=registry
+        )
+        self.inflight = Gauge("lrnserve_inflight_requests", "ModelInfer requests being handled now.", registry=registry)
+        self.queue_capacity = Gauge(
+            "lrnserve_queue_capacity",
+            "Requests the model's queue holds before refusing with RESOURCE_EXHAUSTED.",
+            ["model"],
+            registry=registry,
+        )
+        self.model_load = Gauge(
+            "lrnserve_model_load_seconds", "Time the model took to load and warm up.", ["model"], registry=registry
+        )
+        self.build = Info("lrnserve_build", "Versions this server runs.", registry=registry)
+        self.build.info(
+            {
+                "version": __version__,
+                "torch": torch.__version__,
+                "cuda": torch.version.cuda or "none",
+                "python": platform.python_version(),
+            }
+        )
+        registry.register(_QueueDepth(queue_depths))
+        registry.register(_DeviceMemory(devices))
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+        self._devices = models
+        self._counters: dict[tuple[str, str], Counter] = {}
+        self._histograms: dict[tuple[int, str], Histogram] = {}
+        for model, device in models.items():
+            # Every series exists from the start, so rates and ratios are defined at once.
+            self.request_duration.labels(model)
+            self.queue_duration.labels(model)
+            self.compute_duration.labels(model, device)
+            self.batch_size.labels(model)
+            self.requests.labels(model, "OK")
+            self.queue_capacity.labels(model).set(queue_capacity[model])
+
+    def record_request(self, model: str, code: str, seconds: float) -> None:
+        # labels() costs a lock and a tuple per call; the children never change, so keep them.
+        counter = self._counters.get((model, code))
+        if counter is None:
+            counter = self._counters[(model, code)] = self.requests.labels(model, code)
+        counter.inc()
+        self._child(self.request_duration, model).observe(seconds)
+
+    def record_batch(self, model: str, record: BatchRecord) -> None:
+        if record.failed:
+            return
+        self._child(self.batch_size, model).observe(record.samples)
+        self._child(self.compute_duration, model).observe(record.compute_seconds)
+        queue = self._child(self.queue_duration, model)
+        for waited in record.queue_seconds:
+            queue.observe(waited)
+
+    def _child(self, histogram: Histogram, model: str) -> Histogram:
+        key = (id(histogram), model)
+        child = self._histograms.get(key)
+        if child is None:
+            labels = (model, self._devices[model]) if histogram is self.compute_duration else (model,)
+            child = self._histograms[key] = histogram.labels(*labels)
+        return child

@@ -191,6 +191,7 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--cases", default=",".join(CASES), help=f"subset of {', '.join(CASES)}")
     parser.add_argument("--skip-metrics-overhead", action="store_true")
+    parser.add_argument("--overhead-reps", type=int, default=3, help="alternating on/off runs (default 3)")
     args = parser.parse_args()
     cases = [CASES[key] for key in args.cases.split(",")]
     concurrencies = [int(c) for c in args.concurrency.split(",")]
@@ -200,10 +201,17 @@ def main() -> None:
     unbatched = measure_server(1, cases, concurrencies, args.duration)
     overhead: dict[str, tuple[float, float]] = {}
     if not args.skip_metrics_overhead:
+        # On this shared 2-core machine run-to-run noise is ~10%: alternate on/off, take medians.
         top = max(concurrencies)
-        off = measure_server(32, cases, [top], args.duration, metrics=False)
+        runs: dict[bool, dict[str, list[float]]] = {True: {}, False: {}}
+        for _ in range(args.overhead_reps):
+            for metrics in (False, True):
+                cells = measure_server(32, cases, [top], args.duration, metrics=metrics)
+                for case in cases:
+                    runs[metrics].setdefault(case.label, []).append(cells[(case.key, top)].result.throughput)
         for case in cases:
-            overhead[case.label] = (batched[(case.key, top)].result.throughput, off[(case.key, top)].result.throughput)
+            on, off = runs[True][case.label], runs[False][case.label]
+            overhead[case.label] = (statistics.median(on), statistics.median(off))
 
     print("\nthroughput in requests/s (one sample each); latency in ms; ceiling = in-process model at the")
     print("batch sizes the batcher formed")
@@ -224,7 +232,10 @@ def main() -> None:
                 f"{b.mean_batch:11.1f}{top:11.1f}{b.result.throughput / top:11.0%}"
             )
     if overhead:
-        print(f"\nmetrics overhead at concurrency {max(concurrencies)} (batching server)")
+        print(
+            f"\nmetrics overhead at concurrency {max(concurrencies)} (batching server; medians of "
+            f"{args.overhead_reps} alternating runs)"
+        )
         for label, (on, off) in overhead.items():
             print(f"  {label:26} metrics on {on:9.1f}/s  off {off:9.1f}/s  on/off {on / off:6.1%}")
 

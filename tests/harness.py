@@ -31,6 +31,7 @@ from lrnserve.client.pb import grpc_predict_v2_pb2 as pb
 from lrnserve.client.pb import grpc_predict_v2_pb2_grpc as pb_grpc
 from lrnserve.server import eventloop
 from lrnserve.server.app import LrnServer
+from lrnserve.server.servables import LRNServable
 from lrnserve.server.settings import BatchingPolicy, ModelConfig, ServerSettings
 
 T = TypeVar("T")
@@ -204,3 +205,33 @@ def metric_value(text: str, name: str, **labels: str) -> float | None:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return float(sample.value)
     return None
+
+
+class GatedLRN(LRNServable):
+    """The LRN model, but each batch waits for ``gate`` and is recorded."""
+
+    def __init__(self, inner: LRNServable) -> None:
+        super().__init__(inner.config)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.started = threading.Event()
+        self.batches: list[list[float]] = []  # per batch: the fill value of each sample
+        self.fail_modes: set[str] = set()
+
+    def run(self, group: object, x: torch.Tensor, scalars: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        self.started.set()
+        assert self.gate.wait(timeout=30), "test gate never opened"
+        self.batches.append([float(sample.reshape(-1)[0]) for sample in x])
+        mode, _ = group  # type: ignore[misc]
+        if mode in self.fail_modes:
+            raise RuntimeError(f"model failure in mode {mode}")
+        return super().run(group, x, scalars)
+
+
+def gate_model(running: ServerThread, name: str = "lrn") -> GatedLRN:
+    """Swap a running LRN model's computation for a gated, recording one."""
+    model = running.server.repository.get(name)
+    assert model.batcher is not None
+    gated = GatedLRN(model.batcher.executor.servable)  # type: ignore[arg-type]
+    model.batcher.executor.servable = gated
+    return gated

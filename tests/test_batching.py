@@ -7,43 +7,20 @@ constant their tensor is filled with.
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
 import pytest
 import torch
-from harness import ServerThread, infer_request, lrn_model, output_array, settings, stub
+from harness import GatedLRN, ServerThread, infer_request, lrn_model, output_array, settings, stub
 
 from lrnserve.server.batching import BatchRecord
 from lrnserve.server.ops import local_response_norm
-from lrnserve.server.servables import LRNServable
 
 CODE = grpc.StatusCode
-
-
-class GatedLRN(LRNServable):
-    """The LRN model, but each batch waits for ``gate`` and is recorded."""
-
-    def __init__(self, inner: LRNServable) -> None:
-        super().__init__(inner.config)
-        self.gate = threading.Event()
-        self.gate.set()
-        self.started = threading.Event()
-        self.batches: list[list[float]] = []  # per batch: the fill value of each sample
-        self.fail_modes: set[str] = set()
-
-    def run(self, group: object, x: torch.Tensor, scalars: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        self.started.set()
-        assert self.gate.wait(timeout=30), "test gate never opened"
-        self.batches.append([float(sample.reshape(-1)[0]) for sample in x])
-        mode, _ = group  # type: ignore[misc]
-        if mode in self.fail_modes:
-            raise RuntimeError(f"model failure in mode {mode}")
-        return super().run(group, x, scalars)
 
 
 class Harness:

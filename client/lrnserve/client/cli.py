@@ -1,59 +1,311 @@
-"""The ``lrnserve`` command. ``serve`` needs the server extra; the others only the client."""
+"""The ``lrnserve`` command. ``serve`` needs the server extra; the others only the client.
+
+lrnserve serve [--config FILE] ...
+lrnserve infer MODEL -i x.npy -o y.npy [-p key=value ...]
+lrnserve health [--model M]            # exit 0 when SERVING: a container HEALTHCHECK
+lrnserve bench MODEL --shape 1,96,55,55 --concurrency 1,8,32 --duration 10 [--json FILE]
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import numpy as np
+
+from ._client import Client
+from ._config import TLS
+from ._errors import LrnserveError
+from ._tensors import encode
+from .loadgen import LoadResult, run_load
+
+DEFAULT_TARGET = "localhost:8001"
 
 
-def _serve(args: argparse.Namespace) -> int:
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def parameter(text: str) -> tuple[str, bool | int | float | str]:
+    """'key=value' with the value typed: int, float, true/false, else a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    value: bool | int | float | str = raw
+    if raw.lower() in ("true", "false"):
+        value = raw.lower() == "true"
+    else:
+        for convert in (int, float):
+            try:
+                value = convert(raw)
+                break
+            except ValueError:
+                continue
+    return key, value
+
+
+def shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,96,55,55, got {text!r}") from None
+    if len(dims) not in (3, 4) or any(d < 1 for d in dims):
+        raise argparse.ArgumentTypeError(f"expected 3 or 4 positive dimensions, got {text!r}")
+    return dims
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def add_connection(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("connection")
+    group.add_argument(
+        "--target",
+        default=os.environ.get("LRNSERVE_TARGET", DEFAULT_TARGET),
+        help="server host:port or gRPC URI such as dns:///name:8001 (default $LRNSERVE_TARGET or localhost:8001)",
+    )
+    group.add_argument(
+        "--timeout", type=positive, default=30.0, metavar="SECONDS", help="per-call deadline (default 30)"
+    )
+    group.add_argument("--tls-ca", metavar="PEM", help="use TLS, trusting this CA certificate file")
+    group.add_argument("--tls-cert", metavar="PEM", help="client certificate for mutual TLS")
+    group.add_argument("--tls-key", metavar="PEM", help="client private key for mutual TLS")
+    group.add_argument("--tls-server-name", metavar="NAME", help="name to verify in the server certificate")
+    group.add_argument("--token-file", metavar="FILE", help="bearer token file (default: $LRNSERVE_TOKEN, when set)")
+
+
+def connection(args: argparse.Namespace) -> dict[str, Any]:
+    tls = None
+    if args.tls_ca or args.tls_cert or args.tls_key:
+        tls = TLS(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key, server_name=args.tls_server_name)
+    token = Path(args.token_file).read_text().strip() if args.token_file else os.environ.get("LRNSERVE_TOKEN")
+    return {"tls": tls, "token": token or None, "timeout": args.timeout}
+
+
+# ---- commands ----
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
     try:
         from lrnserve.server.cli import serve
     except ImportError as exc:
         print(
-            f"lrnserve serve: the server is not installed ({exc.name} is missing).\n"
-            "Install it with: pip install 'lrnserve[server]'  (see README.md for CPU/GPU torch)",
+            f"lrnserve serve: the server is not installed ({exc.name} is missing). "
+            "Install it with: pip install 'lrnserve[server]' (see README.md for CPU/GPU torch)",
             file=sys.stderr,
         )
         return 2
     return serve(args)
 
 
+def cmd_infer(args: argparse.Namespace) -> int:
+    try:
+        x = np.load(args.input, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        print(f"lrnserve infer: cannot read {args.input}: {exc}", file=sys.stderr)
+        return 2
+    with Client(args.target, **connection(args)) as client:
+        y = client.infer(args.model, x, **dict(args.parameter or []))
+    np.save(args.output, np.asarray(y), allow_pickle=False)
+    print(f"{args.output}: {np.asarray(y).dtype} {list(np.shape(y))}")
+    return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    service = args.model or ""
+    with Client(args.target, **connection(args), retries=0) as client:
+        serving = client.health(service)
+    print(f"{service or 'server'}: {'SERVING' if serving else 'NOT_SERVING'}")
+    return 0 if serving else 1
+
+
+def progress_bar(label: str) -> Any:
+    width = 30
+
+    def show(fraction: float, ok: int, errors: int) -> None:
+        filled = int(fraction * width)
+        bar = "#" * filled + "." * (width - filled)
+        sys.stderr.write(f"\r{label} [{bar}] {fraction:4.0%}  ok {ok}  errors {errors}")
+        if fraction >= 1.0:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    return show
+
+
+def bench_table(results: list[LoadResult]) -> str:
+    header = f"{'concurrency':>11}{'req/s':>10}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'max ms':>9}  errors"
+    lines = [header, "-" * len(header)]
+    for r in results:
+        s = r.summary()
+        errors = ", ".join(f"{k} {v}" for k, v in sorted(r.errors.items())) or "none"
+        lines.append(
+            f"{r.concurrency:>11}{r.throughput:>10.1f}{s['p50_ms']:>9.2f}{s['p90_ms']:>9.2f}{s['p99_ms']:>9.2f}"
+            f"{s['max_ms']:>9.2f}  {errors}"
+        )
+    return "\n".join(lines)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    dtype = {"FP32": np.float32, "FP16": np.float16, "FP64": np.float64}[args.dtype]
+    x = np.random.default_rng(0).standard_normal(args.shape).astype(dtype)
+    request, _ = encode(args.model, x, dict(args.parameter or []))
+    conn = connection(args)
+    client = Client(args.target, **conn)  # the same channel settings as every other command
+    credentials = client._credentials()
+    metadata = client._call_metadata
+    with client:
+        if not client.ready(args.model):
+            print(f"lrnserve bench: model {args.model!r} is not ready at {args.target}", file=sys.stderr)
+            return 1
+    results = []
+    for concurrency in args.concurrency:
+        label = f"concurrency {concurrency:>4}"
+        results.append(
+            run_load(
+                client.target,
+                request,
+                concurrency,
+                args.duration,
+                warmup=args.warmup,
+                timeout=conn["timeout"],
+                progress=None if args.quiet else progress_bar(label),
+                channel_options=client.options,
+                credentials=credentials,
+                metadata=metadata,
+            )
+        )
+    print(f"{args.model} {list(args.shape)} {args.dtype} at {args.target}, {args.duration:g}s per concurrency")
+    print(bench_table(results))
+    if args.json:
+        document = {
+            "model": args.model,
+            "shape": list(args.shape),
+            "datatype": args.dtype,
+            "target": args.target,
+            "duration": args.duration,
+            "results": [_finite(r.summary()) for r in results],
+        }
+        Path(args.json).write_text(json.dumps(document, indent=2) + "\n")
+    return 0
+
+
+def _finite(summary: dict[str, Any]) -> dict[str, Any]:
+    """JSON has no NaN: latencies of a run without successes become null."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in summary.items()}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="lrnserve",
         description="LRN inference service (Open Inference Protocol v2 over gRPC): server and client tools.",
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
     serve = commands.add_parser(
         "serve",
         help="run the inference server",
         description="Run the gRPC inference server. Without --config it serves the embedded models "
         "lrn, alexnet, caffenet, googlenet, cifar10_full and zfnet512. Settings: flags > LRNSERVE_* "
-        "environment variables > config file > defaults.",
+        "environment variables > config file > defaults. SIGTERM/SIGINT drain and exit 0.",
     )
     serve.add_argument("--config", metavar="FILE", help="TOML config: [server] settings and [models.NAME] tables")
     serve.add_argument("--host", help="address to bind (default 0.0.0.0)")
     serve.add_argument("--grpc-port", type=int, metavar="PORT", help="gRPC port (default 8001; 0 = any free port)")
     serve.add_argument(
-        "--metrics-port",
-        type=int,
-        metavar="PORT",
-        help="Prometheus metrics port (default 8002; 0 = any free port)",
+        "--metrics-port", type=int, metavar="PORT", help="Prometheus metrics port (default 8002; 0 = any free port)"
     )
     serve.add_argument("--no-metrics", action="store_true", help="do not export Prometheus metrics")
     serve.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto: CUDA when available)")
     serve.add_argument("--grace", type=float, metavar="SECONDS", help="drain time on SIGTERM/SIGINT (default 30)")
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="default info")
-    serve.set_defaults(handler=_serve)
+    serve.set_defaults(handler=cmd_serve)
+
+    infer = commands.add_parser(
+        "infer",
+        help="run one inference from a .npy file",
+        description="Send the array in a .npy file (NCHW, or CHW for one sample; float32, float16 or "
+        "float64) to MODEL and save the answer as .npy.",
+    )
+    infer.add_argument("model", metavar="MODEL", help="model name, e.g. lrn or alexnet")
+    infer.add_argument("-i", "--input", required=True, metavar="X.npy", help="input array")
+    infer.add_argument("-o", "--output", required=True, metavar="Y.npy", help="where to write the output")
+    infer.add_argument(
+        "-p",
+        "--parameter",
+        action="append",
+        type=parameter,
+        metavar="KEY=VALUE",
+        help="request parameter, repeatable (lrn: mode, size, alpha, beta, k)",
+    )
+    add_connection(infer)
+    infer.set_defaults(handler=cmd_infer)
+
+    health = commands.add_parser(
+        "health",
+        help="exit 0 if the server (or one model) is SERVING",
+        description="grpc.health.v1 check: prints SERVING or NOT_SERVING; exit 0 only when serving "
+        "(usable as a container HEALTHCHECK or probe).",
+    )
+    health.add_argument("--model", metavar="M", help="check this model instead of the whole server")
+    add_connection(health)
+    health.set_defaults(handler=cmd_health, timeout=5.0)
+
+    bench = commands.add_parser(
+        "bench",
+        help="closed-loop load test",
+        description="Keep CONCURRENCY requests in flight for DURATION seconds per concurrency level and "
+        "report throughput, latency percentiles and errors by status code.",
+    )
+    bench.add_argument("model", metavar="MODEL")
+    bench.add_argument("--shape", type=shape, required=True, help="input shape, e.g. 1,96,55,55")
+    bench.add_argument("--dtype", choices=("FP32", "FP16", "FP64"), default="FP32")
+    bench.add_argument("--concurrency", type=int_list, default=[1, 8, 32], help="levels, e.g. 1,8,32 (default)")
+    bench.add_argument("--duration", type=positive, default=10.0, metavar="SECONDS", help="per level (default 10)")
+    bench.add_argument("--warmup", type=float, default=1.0, metavar="SECONDS", help="untimed, per level (default 1)")
+    bench.add_argument("-p", "--parameter", action="append", type=parameter, metavar="KEY=VALUE")
+    bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    bench.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_connection(bench)
+    bench.set_defaults(handler=cmd_bench)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    code: int = args.handler(args)
+    try:
+        code: int = args.handler(args)
+    except LrnserveError as exc:
+        print(f"lrnserve {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
     return code
 
 

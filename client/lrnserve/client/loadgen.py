@@ -76,13 +76,19 @@ async def _run(
     timeout: float | None,
     progress: Progress | None,
     channel_options: Sequence[tuple[str, object]],
+    credentials: grpc.ChannelCredentials | None,
+    metadata: Sequence[tuple[str, str]],
 ) -> LoadResult:
     options = [
         ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
         *channel_options,
     ]
-    async with grpc.aio.insecure_channel(target, options=options) as channel:
+    if credentials is None:
+        channel = grpc.aio.insecure_channel(target, options=options)
+    else:
+        channel = grpc.aio.secure_channel(target, credentials, options=options)
+    async with channel:
         # bytes in, bytes out: no (de)serialization
         call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(INFER_METHOD)
         result = LoadResult(concurrency, 0.0)
@@ -96,7 +102,7 @@ async def _run(
                 if sent >= stop_at:
                     return
                 try:
-                    await call(payload, timeout=timeout)
+                    await call(payload, timeout=timeout, metadata=metadata)
                     code = "OK"
                 except grpc.aio.AioRpcError as exc:
                     code = exc.code().name
@@ -137,11 +143,17 @@ def run_load(
     timeout: float | None = 60.0,
     progress: Progress | None = None,
     channel_options: Sequence[tuple[str, object]] = (),
+    credentials: grpc.ChannelCredentials | None = None,
+    metadata: Sequence[tuple[str, str]] = (),
 ) -> LoadResult:
-    """Closed-loop load at one concurrency; blocks for ``warmup + duration`` seconds."""
+    """Closed-loop load at one concurrency; blocks for ``warmup + duration`` seconds.
+
+    ``credentials`` (TLS) and ``metadata`` (e.g. a bearer token) are used as given."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     if duration <= 0:
         raise ValueError(f"duration must be > 0 seconds, got {duration}")
     payload = request.SerializeToString()
-    return asyncio.run(_run(target, payload, concurrency, duration, warmup, timeout, progress, channel_options))
+    return asyncio.run(
+        _run(target, payload, concurrency, duration, warmup, timeout, progress, channel_options, credentials, metadata)
+    )

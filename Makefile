@@ -15,7 +15,7 @@ TORCH_INDEX ?=
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: serve test install prometheus lint typecheck bench clean
+.PHONY: serve test install prometheus container-test lint typecheck bench clean
 
 serve: $(VENV)/.installed
 	$(BIN)/lrnserve serve $(ARGS)
@@ -57,6 +57,10 @@ $(VENV)/.installed: pyproject.toml
 	fi
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
+
+# Build the image with podman and test it for real (root; see deploy/docker/container-test.sh).
+container-test: $(VENV)/.installed
+	bash deploy/docker/container-test.sh $(BIN)/python
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

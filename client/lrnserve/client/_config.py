@@ -119,6 +119,9 @@ def channel_options(max_message_bytes: int, tls: TLS | None) -> list[tuple[str, 
         # Find dead connections through proxies and NATs; the server permits this ping rate.
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
+        # Reconnect to a restarted replica within seconds, not gRPC's default two minutes.
+        ("grpc.initial_reconnect_backoff_ms", 500),
+        ("grpc.max_reconnect_backoff_ms", 5_000),
         # This client retries itself (Retry); gRPC's transparent retries would double count.
         ("grpc.enable_retries", 0),
     ]

@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -168,6 +169,7 @@ def _compile(target: str | None, destination: Path) -> None:
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr.strip()[-2000:]}")
+        os.chmod(tmp, 0o755)  # mkstemp made it private; other users (an image's runtime user) load it
         os.replace(tmp, destination)
     finally:
         if os.path.exists(tmp):
@@ -237,3 +239,42 @@ def kernel() -> NativeKernel | None:
 
 def unavailable_reason() -> str | None:
     return _loader.error
+
+
+def build_all() -> list[Path]:
+    """Build the kernel for every x86-64 level (and the compiler default) into cache_dir().
+
+    For images built on one machine and run on others: the loader picks the build that
+    matches the CPU it runs on, with no compiler needed at run time.
+    """
+    targets: list[str | None] = [None]
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        targets = [name for name, _ in _X86_LEVELS] + [None]
+
+    def build(target: str | None) -> Path:
+        path = _library_path(target)
+        if not path.exists():
+            _compile(target, path)
+        return path
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        built = list(pool.map(build, targets))
+    for path in built:
+        _open(path)
+    return built
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Build the fused CPU LRN kernel ahead of time.")
+    parser.add_argument("--build-all", action="store_true", help="every x86-64 level, not just this CPU's")
+    args = parser.parse_args()
+    if args.build_all:
+        for path in build_all():
+            print(path)
+    else:
+        found = kernel()
+        if found is None:
+            raise SystemExit(f"kernel unavailable: {unavailable_reason()}")
+        print(found.path)

@@ -1,4 +1,9 @@
-"""The standard grpc.health.v1 service: overall status ("") and one entry per model."""
+"""The standard grpc.health.v1 service: overall status ("") and one entry per model.
+
+Readiness probes ask ``""``: NOT_SERVING while models load and while draining.
+Liveness probes ask ``liveness``: SERVING from the moment the port opens until the
+process exits, so that neither a slow model load nor a drain gets the pod killed.
+"""
 
 from __future__ import annotations
 
@@ -15,11 +20,16 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 
 
+LIVENESS = "liveness"
+
+
 class HealthService(health_pb2_grpc.HealthServicer):
-    """Statuses start NOT_SERVING; the server flips them as models load and on drain."""
+    """Statuses start NOT_SERVING (``liveness``: SERVING); the server flips them as models
+    load and on drain."""
 
     def __init__(self, services: list[str]) -> None:
         self._status = dict.fromkeys(["", *services], NOT_SERVING)
+        self._status[LIVENESS] = SERVING
         self._changed = asyncio.Condition()
         self._closed = False
 
@@ -28,18 +38,13 @@ class HealthService(health_pb2_grpc.HealthServicer):
         async with self._changed:
             self._closed = True
             for service in self._status:
-                self._status[service] = NOT_SERVING
+                if service != LIVENESS:
+                    self._status[service] = NOT_SERVING
             self._changed.notify_all()
 
     async def set(self, service: str, serving: bool) -> None:
         async with self._changed:
             self._status[service] = SERVING if serving else NOT_SERVING
-            self._changed.notify_all()
-
-    async def set_all(self, serving: bool) -> None:
-        async with self._changed:
-            for service in self._status:
-                self._status[service] = SERVING if serving else NOT_SERVING
             self._changed.notify_all()
 
     def status(self, service: str) -> int | None:

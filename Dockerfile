@@ -7,7 +7,8 @@
 #                 (the PyTorch CUDA runtime image brings torch and CUDA; run with --gpus all)
 # Offline torch:  put torch-*.whl into deploy/docker/wheels/; it is used instead of the index.
 #
-# Run:  docker run -p 8001:8001 -p 8002:8002 lrnserve
+# Run:  docker run -p 8001:8001 -p 8002:8002 lrnserve --plaintext
+#       (or mount certificates: --tls-cert /certs/server.pem --tls-key /certs/server.key)
 # Config: LRNSERVE_* environment variables, or mount a TOML file and set LRNSERVE_CONFIG.
 
 ARG BASE_IMAGE=python:3.11-slim

@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 .PHONY: serve test install prometheus container-test lint typecheck bench clean
 
 serve: $(VENV)/.installed
-	$(BIN)/lrnserve serve $(ARGS)
+	$(BIN)/lrnserve serve --plaintext $(ARGS)
 
 test: $(VENV)/.installed prometheus
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -81,7 +81,7 @@ def server(max_batch_size: int, metrics: bool = True) -> Iterator[str]:
         config = Path(tmp) / "bench.toml"
         config.write_text(config_text(max_batch_size))
         port = free_port()
-        command = [sys.executable, "-m", "lrnserve.client.cli", "serve", "--config", str(config)]
+        command = [sys.executable, "-m", "lrnserve.client.cli", "serve", "--config", str(config), "--plaintext"]
         command += ["--host", "127.0.0.1", "--grpc-port", str(port), "--metrics-port", "0", "--log-level", "warning"]
         if not metrics:
             command.append("--no-metrics")

@@ -40,7 +40,9 @@ BIG = 512 * 1024 * 1024
 
 
 def settings(*models: ModelConfig, **server: Any) -> ServerSettings:
-    base = ServerSettings(host="127.0.0.1", grpc_port=0, metrics_port=0, grace_seconds=5.0, models=models)
+    base = ServerSettings(
+        host="127.0.0.1", grpc_port=0, metrics_port=0, grace_seconds=5.0, plaintext=True, models=models
+    )
     return replace(base, **server)
 
 
@@ -148,7 +150,7 @@ def serve_process(
 ) -> Iterator[tuple[subprocess.Popen[str], str]]:
     """``lrnserve serve ARGS`` as a child process on free loopback ports; yields (process, target)."""
     port = free_port()
-    command = [sys.executable, "-m", "lrnserve.client.cli", "serve", "--host", "127.0.0.1"]
+    command = [sys.executable, "-m", "lrnserve.client.cli", "serve", "--host", "127.0.0.1", "--plaintext"]
     command += ["--grpc-port", str(port), "--metrics-port", str(metrics_port)]
     proc = subprocess.Popen(
         [*command, *args],

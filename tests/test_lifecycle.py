@@ -108,7 +108,17 @@ def test_bad_weights_file_fails_start_up(tmp_path: Path) -> None:
     config = tmp_path / "c.toml"
     config.write_text(f"[models.cifar10_full]\nweights = '{weights}'\n")
     result = subprocess.run(
-        [sys.executable, "-m", "lrnserve.client.cli", "serve", "--config", str(config), "--grpc-port", "0"],
+        [
+            sys.executable,
+            "-m",
+            "lrnserve.client.cli",
+            "serve",
+            "--config",
+            str(config),
+            "--grpc-port",
+            "0",
+            "--plaintext",
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -126,6 +136,7 @@ def test_port_zero_logs_the_bound_port(tmp_path: Path) -> None:
             "-m",
             "lrnserve.client.cli",
             "serve",
+            "--plaintext",
             "--config",
             str(config),
             "--grpc-port",

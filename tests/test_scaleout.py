@@ -23,7 +23,7 @@ CONFIG = "[models.lrn]\nkind = 'lrn'\n"
 
 
 def start_replica(port: int, config: Path) -> subprocess.Popen[str]:
-    command = [sys.executable, "-m", "lrnserve.client.cli", "serve", "--config", str(config)]
+    command = [sys.executable, "-m", "lrnserve.client.cli", "serve", "--config", str(config), "--plaintext"]
     command += ["--host", "127.0.0.1", "--grpc-port", str(port), "--metrics-port", "0", "--log-level", "warning"]
     proc = subprocess.Popen(
         command, env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True

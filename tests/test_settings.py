@@ -19,8 +19,8 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_defaults_serve_the_embedded_models() -> None:
-    settings = load_settings()
-    assert settings == ServerSettings()
+    settings = load_settings(overrides={"plaintext": True})
+    assert settings == ServerSettings(plaintext=True)
     assert [m.name for m in settings.models] == list(KINDS)
     assert (settings.grpc_port, settings.metrics_port, settings.device) == (8001, 8002, "auto")
     assert settings.max_message_bytes >= 256 * 1024 * 1024
@@ -34,6 +34,7 @@ def test_file_env_and_flags_in_order_of_precedence(tmp_path: Path) -> None:
         tmp_path,
         """
         [server]
+        plaintext = true
         grpc_port = 9001
         metrics_port = 9002
         grace_seconds = 12.5
@@ -80,7 +81,7 @@ def test_file_env_and_flags_in_order_of_precedence(tmp_path: Path) -> None:
 
 def test_config_path_from_the_environment(tmp_path: Path) -> None:
     path = write(tmp_path, "[server]\ngrpc_port = 1234\n")
-    assert load_settings(env={"LRNSERVE_CONFIG": str(path)}).grpc_port == 1234
+    assert load_settings(env={"LRNSERVE_CONFIG": str(path), "LRNSERVE_PLAINTEXT": "1"}).grpc_port == 1234
 
 
 @pytest.mark.parametrize(
@@ -117,6 +118,51 @@ def test_config_path_from_the_environment(tmp_path: Path) -> None:
 def test_bad_config_names_the_key(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_settings(write(tmp_path, text))
+
+
+def test_plaintext_only_when_asked(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="plaintext: no TLS certificate is configured"):
+        load_settings()
+    cert, key, ca = (tmp_path / n for n in ("server.pem", "server.key", "ca.pem"))
+    for f in (cert, key, ca):
+        f.write_text("-----BEGIN X-----\n")
+    tls = load_settings(overrides={"tls_cert": str(cert), "tls_key": str(key), "tls_client_ca": str(ca)})
+    assert (tls.tls_cert, tls.tls_key, tls.tls_client_ca, tls.plaintext) == (cert, key, ca, False)
+    path = write(tmp_path, "[server]\ntls_cert = 'server.pem'\ntls_key = 'server.key'\n")
+    assert load_settings(path).tls_cert == cert  # relative to the config file
+    with pytest.raises(ConfigError, match="tls_cert/tls_key: give both"):
+        load_settings(overrides={"tls_cert": str(cert)})
+    with pytest.raises(ConfigError, match="tls_client_ca: client certificates need TLS"):
+        load_settings(overrides={"tls_client_ca": str(ca), "plaintext": True})
+    with pytest.raises(ConfigError, match="metrics_tls: needs tls_cert"):
+        load_settings(overrides={"metrics_tls": True, "plaintext": True})
+    with pytest.raises(ConfigError, match=r"--tls-key: file .* does not exist"):
+        load_settings(overrides={"tls_cert": str(cert), "tls_key": str(tmp_path / "absent.key")})
+
+
+def test_token_is_a_secret(tmp_path: Path) -> None:
+    settings = load_settings(env={"LRNSERVE_TOKEN": " s3cret \n", "LRNSERVE_PLAINTEXT": "true"})
+    assert settings.token is not None and settings.token.reveal() == "s3cret"
+    assert "s3cret" not in repr(settings) and "s3cret" not in str(settings)
+    token_file = tmp_path / "token"
+    token_file.write_text("from-file\n")
+    assert load_settings(overrides={"token_file": str(token_file), "plaintext": True}).token.reveal() == "from-file"  # type: ignore[union-attr]
+    token_file.write_text("\n")
+    with pytest.raises(ConfigError, match=r"token_file: .* is empty"):
+        load_settings(overrides={"token_file": str(token_file), "plaintext": True})
+
+
+def test_limits(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "[server]\nplaintext = true\nmax_tensor_elements = 1000\nmax_inflight_bytes = 4096\n"
+        "[models.lrn]\nmax_request_samples = 4\n",
+    )
+    settings = load_settings(path)
+    assert (settings.max_tensor_elements, settings.max_inflight_bytes) == (1000, 4096)
+    assert settings.models[0].batching.max_request_samples == 4
+    with pytest.raises(ConfigError, match=r"models\.lrn\.max_request_samples: expected an integer >= 1"):
+        load_settings(write(tmp_path, "[models.lrn]\nmax_request_samples = 0\n"))
 
 
 def test_bad_environment_names_the_variable() -> None:

@@ -84,6 +84,7 @@ grpc_port=$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 metrics_port=$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 id=$(podman run -d --network host --init --read-only --tmpfs /tmp \
   -e LRNSERVE_GRPC_PORT="$grpc_port" -e LRNSERVE_METRICS_PORT="$metrics_port" -e LRNSERVE_HOST=127.0.0.1 \
+  -e LRNSERVE_PLAINTEXT=1 \
   "$IMAGE")
 cleanup() {
   podman logs "$id" > "$WORK/container.log" 2>&1 || true

@@ -245,6 +245,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto: CUDA when available)")
     serve.add_argument("--grace", type=float, metavar="SECONDS", help="drain time on SIGTERM/SIGINT (default 30)")
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="default info")
+    security = serve.add_argument_group("security (TLS is required unless --plaintext is given)")
+    security.add_argument("--tls-cert", metavar="PEM", help="server certificate chain: serve gRPC over TLS")
+    security.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
+    security.add_argument("--tls-client-ca", metavar="PEM", help="require client certificates from this CA (mTLS)")
+    security.add_argument("--metrics-tls", action="store_true", help="serve /metrics over HTTPS too")
+    security.add_argument("--plaintext", action="store_true", help="serve gRPC without TLS")
+    security.add_argument(
+        "--token-file", metavar="FILE", help="require 'authorization: Bearer <token>' (or set $LRNSERVE_TOKEN)"
+    )
     serve.set_defaults(handler=cmd_serve)
 
     infer = commands.add_parser(

@@ -23,12 +23,13 @@ from lrnserve.client.pb import grpc_predict_v2_pb2 as pb
 from lrnserve.client.pb import grpc_predict_v2_pb2_grpc as pb_grpc
 from lrnserve.client.pb import health_pb2, health_pb2_grpc
 
-from .dataplane import DataPlane
+from .dataplane import DataPlane, Limits
 from .metrics import Metrics
 from .repository import ModelRepository, ServedModel
-from .settings import ServerSettings
+from .settings import ConfigError, ServerSettings
 from .statistics import StatisticsStore
 from .telemetry import Telemetry
+from .transport.auth import TokenAuth
 from .transport.health import HealthService
 from .transport.service import Guarded, InferenceService
 
@@ -49,6 +50,20 @@ def grpc_options(settings: ServerSettings) -> list[tuple[str, int]]:
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
     ]
+
+
+def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
+    """TLS (mutual when a client CA is set) from the configured files; None for plaintext."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        if not settings.plaintext:
+            raise ConfigError("plaintext: no TLS certificate configured and plaintext not asked for")
+        return None
+    client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
 
 
 class LrnServer:
@@ -77,7 +92,7 @@ class LrnServer:
             )
         statistics = StatisticsStore(names)
         self.telemetry = Telemetry(names, statistics, metrics)
-        self.dataplane = DataPlane(self.repository, statistics, settings.max_message_bytes)
+        self.dataplane = DataPlane(self.repository, statistics, Limits.of(settings))
         self.health = HealthService([INFERENCE_SERVICE, *names])
         self.grpc_port = 0
         self.metrics_port: int | None = None
@@ -95,22 +110,41 @@ class LrnServer:
 
     async def start(self) -> None:
         """Listen, then load every model; returns once all are ready (raises if one fails)."""
-        server = grpc.aio.server(options=grpc_options(self.settings))
+        interceptors = []
+        if self.settings.token is not None:
+            interceptors.append(TokenAuth(self.settings.token.reveal(), self.telemetry.auth_rejected))
+        server = grpc.aio.server(interceptors=interceptors, options=grpc_options(self.settings))
         guarded = Guarded(InferenceService(self.dataplane), self.telemetry)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(guarded, server)  # type: ignore[arg-type]
         health_pb2_grpc.add_HealthServicer_to_server(Guarded(self.health), server)  # type: ignore[arg-type]
         reflection.enable_server_reflection((INFERENCE_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
         bind = f"{self.settings.host}:{self.settings.grpc_port}"
-        self.grpc_port = server.add_insecure_port(bind)
+        credentials = server_credentials(self.settings)
+        if credentials is None:
+            self.grpc_port = server.add_insecure_port(bind)
+        else:
+            self.grpc_port = server.add_secure_port(bind, credentials)
         if self.grpc_port == 0:
             raise OSError(f"could not bind gRPC port {bind}")
         await server.start()
         self._server = server
-        logger.info("gRPC listening on %s:%d (live; loading models)", self.settings.host, self.grpc_port)
+        security = "plaintext" if credentials is None else ("mutual TLS" if self.settings.tls_client_ca else "TLS")
+        auth = ", bearer token required" if self.settings.token is not None else ""
+        logger.info(
+            "gRPC listening on %s:%d (%s%s; live; loading models)", self.settings.host, self.grpc_port, security, auth
+        )
         if self.telemetry.metrics is not None:
-            self._metrics_http = start_http_server(self.settings.metrics_port, self.settings.host, self.registry)
+            tls = self.settings.metrics_tls
+            self._metrics_http = start_http_server(
+                self.settings.metrics_port,
+                self.settings.host,
+                self.registry,
+                certfile=str(self.settings.tls_cert) if tls else None,
+                keyfile=str(self.settings.tls_key) if tls else None,
+            )
             self.metrics_port = int(self._metrics_http[0].server_port)
-            logger.info("metrics on http://%s:%d/metrics", self.settings.host, self.metrics_port)
+            scheme = "https" if tls else "http"
+            logger.info("metrics on %s://%s:%d/metrics", scheme, self.settings.host, self.metrics_port)
         start = time.perf_counter()
         try:
             await self.repository.load_all()

@@ -26,6 +26,12 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         "grace_seconds": args.grace,
         "log_level": args.log_level,
         "metrics_enabled": False if args.no_metrics else None,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+        "tls_client_ca": args.tls_client_ca,
+        "metrics_tls": True if args.metrics_tls else None,
+        "plaintext": True if args.plaintext else None,
+        "token_file": args.token_file,
     }
     return load_settings(Path(args.config) if args.config else None, os.environ, overrides)
 

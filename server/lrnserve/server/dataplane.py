@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,9 +30,24 @@ from .inference import (
 )
 from .repository import ModelRepository, ServedModel
 from .servables import Servable
+from .settings import ServerSettings
 from .statistics import ModelStatistics, StatisticsStore
 
 SERVER_NAME = "lrnserve"
+IMPOSSIBLE_ELEMENTS = 2**63
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; checked before anything is allocated or queued."""
+
+    max_tensor_bytes: int
+    max_tensor_elements: int
+    max_inflight_bytes: int  # input bytes of all requests being handled at once
+
+    @classmethod
+    def of(cls, settings: ServerSettings) -> Limits:
+        return cls(settings.max_tensor_bytes, settings.max_tensor_elements, settings.max_inflight_bytes)
 RESERVED_PARAMETERS = ("timeout", "priority")
 
 
@@ -51,14 +67,15 @@ class DataPlane:
         self,
         repository: ModelRepository,
         statistics: StatisticsStore,
-        max_tensor_bytes: int,
+        limits: Limits,
         extensions: tuple[str, ...] = ("parameters", "statistics"),
     ) -> None:
         self.repository = repository
         self.statistics_store = statistics
-        self.max_tensor_bytes = max_tensor_bytes
+        self.limits = limits
         self.extensions = extensions
         self.draining = False
+        self.inflight_bytes = 0
 
     # ---- health and metadata ----
 
@@ -98,11 +115,21 @@ class DataPlane:
         if not model.ready or model.batcher is None:
             raise Unavailable(f"model '{model.name}' is not ready; retry shortly")
         servable = self._servable(model)
-        tensor, datatype = self._check_input(request, servable)
+        tensor, datatype, nbytes = self._check_input(request, servable)
+        if tensor.shape[0] > model.config.batching.max_request_samples:
+            raise ResourceExhausted(
+                f"inputs[0].shape: {tensor.shape[0]} samples, over model '{model.name}''s limit of "
+                f"{model.config.batching.max_request_samples} per request; split the request"
+            )
         self._check_outputs(request, servable)
         parameters = dict(request.parameters)
         deadline = self._deadline(parameters, request.time_remaining, arrival)
         resolved = servable.resolve(parameters)
+        if self.inflight_bytes + nbytes > self.limits.max_inflight_bytes:
+            raise ResourceExhausted(
+                f"server busy: {_bytes_text(self.inflight_bytes)} of requests in flight, limit "
+                f"{_bytes_text(self.limits.max_inflight_bytes)}; retry later"
+            )
         work = Work(
             payload=self._payload(tensor, datatype),
             shape=tensor.shape,
@@ -110,7 +137,11 @@ class DataPlane:
             model_group=resolved.group,
             scalars=resolved.scalars,
         )
-        output = await model.batcher.submit(work, deadline)
+        self.inflight_bytes += nbytes
+        try:
+            output = await model.batcher.submit(work, deadline)
+        finally:
+            self.inflight_bytes -= nbytes
         out_shape = servable.output_shape(tensor.shape)
         raw = output.reshape(-1).view(torch.uint8).numpy().tobytes()
         return InferenceResponse(
@@ -120,7 +151,7 @@ class DataPlane:
             outputs=(OutputTensor(servable.output_name, datatype.wire, out_shape, raw),),
         )
 
-    def _check_input(self, request: InferenceRequest, servable: Servable) -> tuple[InputTensor, DataType]:
+    def _check_input(self, request: InferenceRequest, servable: Servable) -> tuple[InputTensor, DataType, int]:
         if len(request.inputs) != 1:
             raise InvalidArgument(
                 f"inputs: model '{servable.name}' takes exactly 1 input ('{servable.input_name}'), "
@@ -147,17 +178,25 @@ class DataPlane:
             raise InvalidArgument(f"inputs[0].shape: expected 4 dimensions [N, C, H, W], got {_shape_text(shape)}")
         if any(d < 1 for d in shape):
             raise InvalidArgument(f"inputs[0].shape: every dimension must be >= 1, got {_shape_text(shape)}")
-        nbytes = math.prod(shape) * datatype.itemsize
-        if nbytes > self.max_tensor_bytes:
+        elements = math.prod(shape)
+        if elements >= IMPOSSIBLE_ELEMENTS:
+            raise InvalidArgument(f"inputs[0].shape: {_shape_text(shape)} has more than 2^63 elements")
+        if elements > self.limits.max_tensor_elements:
+            raise ResourceExhausted(
+                f"inputs[0]: {_shape_text(shape)} has {elements} elements, over the limit of "
+                f"{self.limits.max_tensor_elements} per tensor"
+            )
+        nbytes = elements * datatype.itemsize
+        if nbytes > self.limits.max_tensor_bytes:
             raise ResourceExhausted(
                 f"inputs[0]: {_shape_text(shape)} {datatype.wire} is {_bytes_text(nbytes)}, over the "
-                f"{_bytes_text(self.max_tensor_bytes)} limit per tensor"
+                f"{_bytes_text(self.limits.max_tensor_bytes)} limit per tensor"
             )
         problem = servable.check_sample_shape(tuple(shape[1:]))
         if problem:
             raise InvalidArgument(f"inputs[0].shape: {problem}, got {_shape_text(shape)}")
         self._check_data(tensor, datatype, nbytes)
-        return tensor, datatype
+        return tensor, datatype, nbytes
 
     @staticmethod
     def _check_data(tensor: InputTensor, datatype: DataType, nbytes: int) -> None:

@@ -3,9 +3,9 @@
 Each model has ``instances`` worker threads; each thread is one instance and,
 on CUDA, owns one stream. A batch is assembled by copying every request's
 bytes once into a (pinned, on CUDA) batch buffer, moved to the device with a
-non-blocking copy, computed, and copied back the same way. When the device runs
-out of memory the batch is split in halves and retried; a single sample that
-still does not fit fails with RESOURCE_EXHAUSTED.
+non-blocking copy, computed, and copied back the same way. When memory runs out
+(device or host) the batch is split in halves and retried; a single sample that
+still does not fit fails with RESOURCE_EXHAUSTED, and only that request fails.
 """
 
 from __future__ import annotations
@@ -25,6 +25,15 @@ from .errors import ResourceExhausted
 from .servables import Servable
 
 logger = logging.getLogger(__name__)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA OOM, Python's MemoryError, or torch's CPU allocator giving up."""
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and (
+        "out of memory" in str(exc) or "can't allocate memory" in str(exc)
+    )
 
 
 @dataclass(frozen=True)
@@ -104,31 +113,29 @@ class Executor:
         return torch.tensor(values, dtype=torch.float64)
 
     def _forward(self, group: Hashable, batch: torch.Tensor, scalars: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.device.type != "cuda":
-            return self.servable.run(group, batch, scalars)
         try:
-            return self._forward_cuda(group, batch, scalars)
-        except torch.cuda.OutOfMemoryError:
+            if self.device.type == "cuda":
+                return self._forward_cuda(group, batch, scalars)
+            return self.servable.run(group, batch, scalars)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+        # Out of memory: retry in halves, down to single samples.
+        if self.device.type == "cuda":
             torch.cuda.empty_cache()
-            n = batch.shape[0]
-            if n == 1:
-                raise ResourceExhausted(
-                    f"model '{self.servable.name}': out of device memory for one sample of shape "
-                    f"{list(batch.shape[1:])}"
-                ) from None
-            half = n // 2
-            logger.warning(
-                "%s: out of device memory at batch %d; retrying as %d + %d",
-                self.servable.name,
-                n,
-                half,
-                n - half,
+        n = batch.shape[0]
+        if n == 1:
+            raise ResourceExhausted(
+                f"model '{self.servable.name}': out of {self.device.type} memory for one sample of shape "
+                f"{list(batch.shape[1:])}"
             )
-            parts = [
-                self._forward(group, batch[a:b], {k: v[a:b] for k, v in scalars.items()})
-                for a, b in ((0, half), (half, n))
-            ]
-            return torch.cat(parts)
+        half = n // 2
+        logger.warning("%s: out of memory at batch %d; retrying as %d + %d", self.servable.name, n, half, n - half)
+        parts = [
+            self._forward(group, batch[a:b], {k: v[a:b] for k, v in scalars.items()})
+            for a, b in ((0, half), (half, n))
+        ]
+        return torch.cat(parts)
 
     def _stream(self) -> torch.cuda.Stream:
         stream = getattr(self._local, "stream", None)

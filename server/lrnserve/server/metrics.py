@@ -111,6 +111,9 @@ class Metrics:
         self.requests = Counter(
             "lrnserve_requests", "ModelInfer requests by gRPC status code.", ["model", "code"], registry=registry
         )
+        self.auth_failures = Counter(
+            "lrnserve_auth_failures", "Calls refused for a missing or wrong bearer token.", registry=registry
+        )
         self.inflight = Gauge("lrnserve_inflight_requests", "ModelInfer requests being handled now.", registry=registry)
         self.queue_capacity = Gauge(
             "lrnserve_queue_capacity",

@@ -13,7 +13,17 @@ message names the offending key (``models.alexnet.max_batch_size``) or variable.
     device = "auto"             # LRNSERVE_DEVICE: auto | cpu | cuda | cuda:N
     grace_seconds = 30          # LRNSERVE_GRACE_SECONDS: drain time on SIGTERM
     log_level = "info"          # LRNSERVE_LOG_LEVEL
-    max_message_bytes = 268435456   # LRNSERVE_MAX_MESSAGE_BYTES
+    max_message_bytes = 268435456   # LRNSERVE_MAX_MESSAGE_BYTES: largest gRPC message either way
+    max_tensor_bytes = 268435456    # LRNSERVE_MAX_TENSOR_BYTES: per input tensor
+    max_tensor_elements = 67108864  # LRNSERVE_MAX_TENSOR_ELEMENTS: per input tensor
+    max_inflight_bytes = 2147483648 # LRNSERVE_MAX_INFLIGHT_BYTES: input bytes of all requests being handled
+    tls_cert = "server.pem"     # LRNSERVE_TLS_CERT: serve gRPC over TLS with this certificate chain...
+    tls_key = "server.key"      # LRNSERVE_TLS_KEY: ...and key
+    tls_client_ca = "ca.pem"    # LRNSERVE_TLS_CLIENT_CA: require client certificates from this CA (mTLS)
+    metrics_tls = false         # LRNSERVE_METRICS_TLS: serve /metrics over HTTPS with the same certificate
+    plaintext = false           # LRNSERVE_PLAINTEXT: serve without TLS; required when no certificate is set
+    token_file = "token"        # LRNSERVE_TOKEN_FILE (or the token itself in LRNSERVE_TOKEN): require
+                                # "authorization: Bearer <token>" on every RPC but health
 
     [models.lrn]                # the table name is the served model name
     kind = "lrn"                # lrn | alexnet | caffenet | googlenet | cifar10_full | zfnet512
@@ -26,6 +36,7 @@ message names the offending key (``models.alexnet.max_batch_size``) or variable.
     max_queue_delay_us = 0      # how long the oldest request may wait for a fuller batch (0: no
                                 # waiting; batches still form from what queues while a batch runs)
     max_queue_size = 256        # queued requests before RESOURCE_EXHAUSTED
+    max_request_samples = 1024  # samples (N) one request may carry
     instances = 1               # concurrent batches (worker threads / CUDA streams)
     device = "auto"             # overrides [server].device for this model
     dtype = "float32"           # networks: compute dtype (float32 | float16 | bfloat16 | float64)
@@ -36,6 +47,7 @@ message names the offending key (``models.alexnet.max_batch_size``) or variable.
 from __future__ import annotations
 
 import contextlib
+import hmac
 import math
 import tomllib
 from collections.abc import Callable, Mapping
@@ -57,11 +69,31 @@ class ConfigError(ValueError):
     """A configuration problem; the message starts with the key or variable at fault."""
 
 
+class Secret:
+    """A credential that never shows up in logs, reprs or tracebacks."""
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and hmac.compare_digest(self._value.encode(), other._value.encode())
+
+    def __hash__(self) -> int:
+        return 0
+
+
 @dataclass(frozen=True)
 class BatchingPolicy:
     max_batch_size: int = 32
     max_queue_delay_us: int = 0
     max_queue_size: int = 256
+    max_request_samples: int = 1024
 
 
 @dataclass(frozen=True)
@@ -86,7 +118,17 @@ class ServerSettings:
     grace_seconds: float = 30.0
     log_level: str = "info"
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_tensor_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_tensor_elements: int = 64 * 1024 * 1024
+    max_inflight_bytes: int = 2 * 1024 * 1024 * 1024
     metrics_enabled: bool = True
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    metrics_tls: bool = False
+    plaintext: bool = False
+    token_file: Path | None = None
+    token: Secret | None = None
     models: tuple[ModelConfig, ...] = field(default_factory=lambda: default_models())
 
 
@@ -150,6 +192,13 @@ def _device(key: str, value: object) -> str:
     raise ConfigError(f"{key}: expected auto, cpu, cuda or cuda:N, got {value!r}")
 
 
+def _file(key: str, value: object) -> Path:
+    path = Path(_text(key, value))
+    if not path.is_file():
+        raise ConfigError(f"{key}: file {path} does not exist")
+    return path
+
+
 _SERVER_KEYS: dict[str, Callable[[str, object], Any]] = {
     "host": _text,
     "grpc_port": lambda k, v: _integer(k, v, 0, 65535),
@@ -158,8 +207,18 @@ _SERVER_KEYS: dict[str, Callable[[str, object], Any]] = {
     "grace_seconds": lambda k, v: _number(k, v, 0.0),
     "log_level": lambda k, v: _choice(k, v, LOG_LEVELS),
     "max_message_bytes": lambda k, v: _integer(k, v, 1024, 2**31 - 1),
+    "max_tensor_bytes": lambda k, v: _integer(k, v, 1, None),
+    "max_tensor_elements": lambda k, v: _integer(k, v, 1, None),
+    "max_inflight_bytes": lambda k, v: _integer(k, v, 1, None),
     "metrics_enabled": _boolean,
+    "tls_cert": _file,
+    "tls_key": _file,
+    "tls_client_ca": _file,
+    "metrics_tls": _boolean,
+    "plaintext": _boolean,
+    "token_file": _file,
 }
+_PATH_KEYS = ("tls_cert", "tls_key", "tls_client_ca", "token_file")
 
 _MODEL_KEYS = (
     "kind",
@@ -171,6 +230,7 @@ _MODEL_KEYS = (
     "max_batch_size",
     "max_queue_delay_us",
     "max_queue_size",
+    "max_request_samples",
     "mode",
     "size",
     "alpha",
@@ -210,6 +270,9 @@ def _model(name: str, table: Mapping[str, Any], base_dir: Path) -> ModelConfig:
             prefix + "max_queue_delay_us", table.get("max_queue_delay_us", defaults.max_queue_delay_us), 0
         ),
         max_queue_size=_integer(prefix + "max_queue_size", table.get("max_queue_size", defaults.max_queue_size), 1),
+        max_request_samples=_integer(
+            prefix + "max_request_samples", table.get("max_request_samples", defaults.max_request_samples), 1
+        ),
     )
     weights = table.get("weights")
     weights_path = None
@@ -271,7 +334,11 @@ def load_settings(
         _reject_unknown("", document, ("server", "models"))
         server = _table("server", document.get("server", {}))
         _reject_unknown("server.", server, tuple(_SERVER_KEYS))
-        values = {key: _SERVER_KEYS[key](f"server.{key}", value) for key, value in server.items()}
+        base_dir = config.resolve().parent
+        values = {
+            key: _SERVER_KEYS[key](f"server.{key}", str(base_dir / value) if key in _PATH_KEYS else value)
+            for key, value in server.items()
+        }
         settings = replace(settings, **values)
         if "models" in document:
             models = _table("models", document["models"])
@@ -289,4 +356,28 @@ def load_settings(
     for key, value in (overrides or {}).items():
         if value is not None:
             settings = replace(settings, **{key: _SERVER_KEYS[key](f"--{key.replace('_', '-')}", value)})
+    if env.get(ENV_PREFIX + "TOKEN"):
+        settings = replace(settings, token=Secret(env[ENV_PREFIX + "TOKEN"].strip()))
+    return check_security(settings)
+
+
+def check_security(settings: ServerSettings) -> ServerSettings:
+    """TLS files come in usable combinations; plaintext only when asked; the token is read."""
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        raise ConfigError("tls_cert/tls_key: give both the certificate chain and its key, or neither")
+    if settings.tls_cert is None:
+        if settings.tls_client_ca is not None:
+            raise ConfigError("tls_client_ca: client certificates need TLS; set tls_cert and tls_key too")
+        if settings.metrics_tls:
+            raise ConfigError("metrics_tls: needs tls_cert and tls_key")
+        if not settings.plaintext:
+            raise ConfigError(
+                "plaintext: no TLS certificate is configured (tls_cert/tls_key, --tls-cert/--tls-key); "
+                "to serve without TLS say so with --plaintext, LRNSERVE_PLAINTEXT=1 or plaintext = true"
+            )
+    if settings.token_file is not None:
+        token = settings.token_file.read_text().strip()
+        if not token:
+            raise ConfigError(f"token_file: {settings.token_file} is empty")
+        settings = replace(settings, token=Secret(token))
     return settings

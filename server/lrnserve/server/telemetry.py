@@ -38,6 +38,10 @@ class Telemetry:
         if self.metrics is not None:
             self.metrics.record_batch(model, record)
 
+    def auth_rejected(self) -> None:
+        if self.metrics is not None:
+            self.metrics.auth_failures.inc()
+
     def model_loaded(self, model: str, seconds: float) -> None:
         if self.metrics is not None:
             self.metrics.model_load.labels(model).set(seconds)

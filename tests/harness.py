@@ -29,6 +29,7 @@ import torch
 
 from lrnserve.client.pb import grpc_predict_v2_pb2 as pb
 from lrnserve.client.pb import grpc_predict_v2_pb2_grpc as pb_grpc
+from lrnserve.client.pb import health_pb2, health_pb2_grpc
 from lrnserve.server import eventloop
 from lrnserve.server.app import LrnServer
 from lrnserve.server.servables import LRNServable
@@ -172,15 +173,17 @@ def serve_process(
 
 
 def wait_ready(target: str, proc: subprocess.Popen[str] | None, timeout: float) -> None:
+    """Until the server's overall health is SERVING (health needs no token, unlike ServerReady)."""
     deadline = time.monotonic() + timeout
+    serving = health_pb2.HealthCheckResponse.SERVING
     with grpc.insecure_channel(target) as channel:
-        client = stub(channel)
+        health = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if proc is not None and proc.poll() is not None:
                 output = proc.stdout.read() if proc.stdout else ""
                 raise RuntimeError(f"server exited with {proc.returncode}:\n{output}")
             try:
-                if client.ServerReady(pb.ServerReadyRequest(), timeout=1).ready:
+                if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == serving:
                     return
             except grpc.RpcError:
                 pass

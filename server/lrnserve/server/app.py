@@ -49,6 +49,11 @@ def grpc_options(settings: ServerSettings) -> list[tuple[str, int]]:
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
+        # Slow or stalled clients: a connection must finish its handshake in 10 s, idle
+        # connections close after 15 minutes, and one connection holds at most 256 streams.
+        ("grpc.server_handshake_timeout_ms", 10_000),
+        ("grpc.max_connection_idle_ms", 15 * 60_000),
+        ("grpc.max_concurrent_streams", 256),
     ]
 
 

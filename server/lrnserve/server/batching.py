@@ -211,7 +211,11 @@ class Batcher:
                 return
             record = BatchRecord(samples, len(live), result.compute_seconds, waits, failed=False)
             for pending, output in zip(live, result.outputs, strict=True):
-                if not pending.future.done():
+                if pending.future.done():
+                    continue
+                if isinstance(output, ServingError):
+                    pending.future.set_exception(output)  # made for this request alone
+                else:
                     pending.future.set_result(output)
         finally:
             self._slots.release()

@@ -48,6 +48,8 @@ class Limits:
     @classmethod
     def of(cls, settings: ServerSettings) -> Limits:
         return cls(settings.max_tensor_bytes, settings.max_tensor_elements, settings.max_inflight_bytes)
+
+
 RESERVED_PARAMETERS = ("timeout", "priority")
 
 

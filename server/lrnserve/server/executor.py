@@ -16,12 +16,12 @@ import threading
 import time
 from collections.abc import Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
-from .errors import ResourceExhausted
+from .errors import ResourceExhausted, ServingError
 from .servables import Servable
 
 logger = logging.getLogger(__name__)
@@ -31,9 +31,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
     """CUDA OOM, Python's MemoryError, or torch's CPU allocator giving up."""
     if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
         return True
-    return isinstance(exc, RuntimeError) and (
-        "out of memory" in str(exc) or "can't allocate memory" in str(exc)
-    )
+    return isinstance(exc, RuntimeError) and ("out of memory" in str(exc) or "can't allocate memory" in str(exc))
 
 
 @dataclass(frozen=True)
@@ -55,10 +53,18 @@ class Work:
         """Requests with equal groups can be concatenated along dim 0."""
         return (self.shape[1:], self.dtype, self.model_group)
 
+    def halves(self) -> tuple[Work, Work]:
+        """The first and second half of this request's samples (it has at least two)."""
+        half = self.samples // 2
+        cut = self.payload.size // self.samples * half
+        first = replace(self, payload=self.payload[:cut], shape=(half, *self.shape[1:]))
+        second = replace(self, payload=self.payload[cut:], shape=(self.samples - half, *self.shape[1:]))
+        return first, second
+
 
 @dataclass(frozen=True)
 class BatchResult:
-    outputs: list[torch.Tensor]  # one CPU tensor per work item, in order
+    outputs: list[torch.Tensor | ServingError]  # per work item, in order: its output or its own error
     compute_seconds: float  # assembly, host-to-device, compute, device-to-host
 
 
@@ -87,6 +93,39 @@ class Executor:
 
     def _run(self, items: list[Work]) -> BatchResult:
         start = time.perf_counter()
+        outputs = self._run_items(items)
+        return BatchResult(outputs, time.perf_counter() - start)
+
+    def _run_items(self, items: list[Work]) -> list[torch.Tensor | ServingError]:
+        """Compute ``items`` as one batch; when memory runs out (device or host), in halves,
+        down to single samples, so that only a request that cannot fit at all fails."""
+        try:
+            return list(self._compute(items))
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        samples = sum(w.samples for w in items)
+        if len(items) > 1:
+            half = len(items) // 2
+            logger.warning("%s: out of memory at %d samples; retrying in halves", self.servable.name, samples)
+            return self._run_items(items[:half]) + self._run_items(items[half:])
+        (work,) = items
+        if work.samples == 1:
+            return [
+                ResourceExhausted(
+                    f"model '{self.servable.name}': out of {self.device.type} memory for one sample of shape "
+                    f"{list(work.shape[1:])}"
+                )
+            ]
+        parts = [self._run_items([part])[0] for part in work.halves()]
+        for part in parts:
+            if isinstance(part, ServingError):
+                return [part]
+        return [torch.cat(parts)]  # type: ignore[arg-type]
+
+    def _compute(self, items: list[Work]) -> list[torch.Tensor]:
         first = items[0]
         pin = self.device.type == "cuda"
         total = sum(w.samples for w in items)
@@ -97,12 +136,15 @@ class Executor:
             flat[offset : offset + work.payload.size] = work.payload
             offset += work.payload.size
         scalars = {name: self._per_sample(items, name) for name in first.scalars}
-        y = self._forward(first.model_group, batch, scalars)
+        if self.device.type == "cuda":
+            y = self._forward_cuda(first.model_group, batch, scalars)
+        else:
+            y = self.servable.run(first.model_group, batch, scalars)
         outputs, offset = [], 0
         for work in items:
             outputs.append(y[offset : offset + work.samples])
             offset += work.samples
-        return BatchResult(outputs, time.perf_counter() - start)
+        return outputs
 
     @staticmethod
     def _per_sample(items: list[Work], name: str) -> torch.Tensor:
@@ -111,31 +153,6 @@ class Executor:
             return torch.full((items[0].samples,), items[0].scalars[name], dtype=torch.float64)
         values = [w.scalars[name] for w in items for _ in range(w.samples)]
         return torch.tensor(values, dtype=torch.float64)
-
-    def _forward(self, group: Hashable, batch: torch.Tensor, scalars: dict[str, torch.Tensor]) -> torch.Tensor:
-        try:
-            if self.device.type == "cuda":
-                return self._forward_cuda(group, batch, scalars)
-            return self.servable.run(group, batch, scalars)
-        except Exception as exc:
-            if not is_out_of_memory(exc):
-                raise
-        # Out of memory: retry in halves, down to single samples.
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        n = batch.shape[0]
-        if n == 1:
-            raise ResourceExhausted(
-                f"model '{self.servable.name}': out of {self.device.type} memory for one sample of shape "
-                f"{list(batch.shape[1:])}"
-            )
-        half = n // 2
-        logger.warning("%s: out of memory at batch %d; retrying as %d + %d", self.servable.name, n, half, n - half)
-        parts = [
-            self._forward(group, batch[a:b], {k: v[a:b] for k, v in scalars.items()})
-            for a, b in ((0, half), (half, n))
-        ]
-        return torch.cat(parts)
 
     def _stream(self) -> torch.cuda.Stream:
         stream = getattr(self._local, "stream", None)

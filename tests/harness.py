@@ -27,6 +27,7 @@ import grpc
 import numpy as np
 import torch
 
+from lrnserve.client._tensors import set_parameter
 from lrnserve.client.pb import grpc_predict_v2_pb2 as pb
 from lrnserve.client.pb import grpc_predict_v2_pb2_grpc as pb_grpc
 from lrnserve.client.pb import health_pb2, health_pb2_grpc
@@ -110,19 +111,8 @@ def infer_request(
         field = {"FP32": "fp32_contents", "FP64": "fp64_contents"}[datatype]
         getattr(tensor.contents, field).extend(x.reshape(-1).tolist())
     for key, value in (parameters or {}).items():
-        set_parameter(request.parameters[key], value)
+        set_parameter(request.parameters[key], key, value)
     return request
-
-
-def set_parameter(param: pb.InferParameter, value: bool | int | float | str) -> None:
-    if isinstance(value, bool):
-        param.bool_param = value
-    elif isinstance(value, int):
-        param.int64_param = value
-    elif isinstance(value, float):
-        param.double_param = value
-    else:
-        param.string_param = value
 
 
 def output_array(response: pb.ModelInferResponse) -> np.ndarray:

@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, event, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
+from lrnserve.client._tensors import set_parameter
 from lrnserve.client.pb import grpc_predict_v2_pb2 as pb
 from lrnserve.server.ops import local_response_norm
 from lrnserve.server.settings import ModelConfig
@@ -162,15 +163,7 @@ def build(spec: dict[str, Any]) -> pb.ModelInferRequest:
     elif special != "none":
         request.raw_input_contents.append(raw)
     for key, value in spec["parameters"].items():
-        param = request.parameters[key]
-        if isinstance(value, bool):
-            param.bool_param = value
-        elif isinstance(value, int):
-            param.int64_param = value
-        elif isinstance(value, float):
-            param.double_param = value
-        else:
-            param.string_param = value
+        set_parameter(request.parameters[key], key, value)
     for name in spec["outputs"]:
         request.outputs.add(name=name)
     return request
@@ -213,7 +206,6 @@ def test_fuzzed_requests_get_a_correct_answer_or_a_documented_status(
     except grpc.RpcError as exc:
         event(exc.code().name)
         assert exc.code() in DOCUMENTED, (exc.code(), exc.details(), spec)
-        assert exc.code() != grpc.StatusCode.OK
         assert exc.details(), "every refusal says why"
         return
     event("OK")

@@ -64,6 +64,21 @@ def test_claimed_shapes_are_refused_before_allocation(
     assert fragment in details
 
 
+def test_windows_too_costly_for_the_tensor(server: ServerThread) -> None:
+    # size 4096 on a [1,1,256,256] plane: windows clip to 2*256-1 rows and columns -> 6.7e7 sums: fine.
+    code, _ = code_and_details(
+        server, infer_request("lrn", np.ones((1, 1, 256, 256), np.float32), {"size": 4096, "mode": "within"})
+    )
+    assert code == grpc.StatusCode.OK
+    servable = server.server.repository.get("lrn").servable
+    assert servable is not None
+    from lrnserve.server.servables import Resolved
+
+    huge = servable.check_cost((64, 1, 4096, 4096), Resolved(("within", 4096), {}))
+    assert huge is not None and "parameters.size" in huge and "additions" in huge
+    assert servable.check_cost((32, 96, 55, 55), Resolved(("across", 5), {})) is None
+
+
 def test_per_tensor_bytes_and_samples(server: ServerThread) -> None:
     code, details = code_and_details(server, infer_request("lrn", np.ones((1, 1, 300, 300), np.float64)))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit per tensor" in details  # 720 kB > 300 kB
@@ -153,7 +168,9 @@ def test_a_disconnected_clients_queued_request_is_dropped() -> None:
         )
         assert gated.started.wait(10)
         leaving = running.channel()
-        stub(leaving).ModelInfer.future(infer_request("lrn", np.full((1, 4, 3, 3), 4.0, np.float32)), timeout=30)
+        gone = stub(leaving).ModelInfer.future(
+            infer_request("lrn", np.full((1, 4, 3, 3), 4.0, np.float32)), timeout=30
+        )  # keep the reference: dropping it would cancel the call, not disconnect
         batcher = running.server.repository.get("lrn").batcher
         deadline = time.monotonic() + 10
         while batcher.queue_depth < 1:  # type: ignore[union-attr]
@@ -161,10 +178,11 @@ def test_a_disconnected_clients_queued_request_is_dropped() -> None:
             time.sleep(0.01)
         leaving.close()  # the client goes away with its request still queued
         deadline = time.monotonic() + 10
-        while not any(p.future.cancelled() for p in batcher._queue):  # type: ignore[union-attr]
+        while batcher.queue_depth > 0:  # type: ignore[union-attr]
             assert time.monotonic() < deadline, "the server never noticed the client left"
             time.sleep(0.01)
         gated.gate.set()
         blocker.result(timeout=30)
         keep.close()
+        assert gone.done()
         assert 4.0 not in [v for batch in gated.batches for v in batch]

@@ -177,6 +177,17 @@ def test_autograd_uses_a_differentiable_path() -> None:
     assert torch.autograd.gradcheck(lambda t: local_response_norm(t, 3, 0.5, 0.75, 1.0, "within"), (x,))
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("size", [64, 1000, 4097])
+def test_windows_larger_than_the_tensor(mode: str, size: int) -> None:
+    # Clipped to the tensor for speed; the divisor stays the full window.
+    x = torch.randn(2, 5, 4, 6, generator=torch.Generator().manual_seed(size), dtype=torch.float64)
+    expected = lrn_reference(x.numpy(), size, 3.0, 0.75, 1.0, mode)
+    assert_close(local_response_norm(x, size, 3.0, 0.75, 1.0, mode), expected, rtol=1e-13)
+    assert_close(_composed(x, size, 3.0, 0.75, 1.0, mode), expected, rtol=1e-12)
+    assert_close(local_response_norm(x.float(), size, 3.0, 0.75, 1.0, mode), expected, rtol=2e-6)
+
+
 def test_empty_batch() -> None:
     y = local_response_norm(torch.empty(0, 3, 4, 4), 3)
     assert y.shape == (0, 3, 4, 4)
@@ -217,7 +228,10 @@ X = torch.zeros(1, 2, 3, 3)
         ({"x": torch.zeros(1, 2, 3, 3, dtype=torch.int64)}, "x must have dtype float32, float64"),
         ({"x": np.zeros((1, 2, 3, 3))}, "x must be a torch.Tensor"),
         ({"alpha": [1e-4, 1e-4, 1e-4]}, "alpha must be a number or 1 numbers"),
-        ({"x": torch.zeros(2, 2, 3, 3), "k": [1.0, -2.0]}, r"k\[1\] must be a finite number > 0"),
+        ({"x": torch.zeros(2, 2, 3, 3), "k": [1.0, -2.0]}, r"k\[1\] must be a finite number in \(0, 3.4e38\]"),
+        ({"alpha": 1e39}, "alpha must be a finite number >= 0 \\(and <= 3.403e\\+38\\)"),
+        ({"k": 1e39}, "k must be a finite number > 0 \\(and <= 3.403e\\+38\\)"),
+        ({"size": 2**31}, "size must be an integer >= 1"),
         ({"x": torch.zeros(2, 2, 3, 3), "beta": [0.5, float("inf")]}, r"beta\[1\] must be a finite number"),
         ({"alpha": "big"}, "alpha must be a number"),
     ],

@@ -150,6 +150,10 @@ def test_token_is_a_secret(tmp_path: Path) -> None:
     token_file.write_text("\n")
     with pytest.raises(ConfigError, match=r"token_file: .* is empty"):
         load_settings(overrides={"token_file": str(token_file), "plaintext": True})
+    with pytest.raises(ConfigError, match="LRNSERVE_TOKEN: only whitespace"):
+        load_settings(env={"LRNSERVE_TOKEN": "   ", "LRNSERVE_PLAINTEXT": "1"})
+    with pytest.raises(ConfigError, match=r"server\.tls_cert: expected a non-empty string, got 5"):
+        load_settings(write(tmp_path, "[server]\ntls_cert = 5\n"))
 
 
 def test_limits(tmp_path: Path) -> None:

@@ -158,7 +158,6 @@ def test_slow_and_stalled_clients_do_not_starve_others(replica: Replica) -> None
         stalled.append(sock)
     holders = []
 
-
     hold_channel = grpc.insecure_channel(replica.target)
     for _ in range(100):
         holders.append(health_pb2_grpc.HealthStub(hold_channel).Watch(health_pb2.HealthCheckRequest(), timeout=120))

@@ -104,6 +104,7 @@ class LrnServer:
         self._server: grpc.aio.Server | None = None
         self._metrics_http: tuple[WSGIServer, threading.Thread] | None = None
         self._stopped = asyncio.Event()
+        self.drained = True
 
     def _loaded(self, model: ServedModel) -> None:
         self.telemetry.model_loaded(model.name, model.load_seconds)
@@ -138,29 +139,35 @@ class LrnServer:
         logger.info(
             "gRPC listening on %s:%d (%s%s; live; loading models)", self.settings.host, self.grpc_port, security, auth
         )
-        if self.telemetry.metrics is not None:
-            tls = self.settings.metrics_tls
-            self._metrics_http = start_http_server(
-                self.settings.metrics_port,
-                self.settings.host,
-                self.registry,
-                certfile=str(self.settings.tls_cert) if tls else None,
-                keyfile=str(self.settings.tls_key) if tls else None,
-            )
-            self.metrics_port = int(self._metrics_http[0].server_port)
-            scheme = "https" if tls else "http"
-            logger.info("metrics on %s://%s:%d/metrics", scheme, self.settings.host, self.metrics_port)
         start = time.perf_counter()
         try:
+            self._start_metrics()
             await self.repository.load_all()
         except BaseException:
             await self.stop(grace=0)
             raise
+        if self.dataplane.draining:  # SIGTERM arrived while models loaded: stay NOT_SERVING
+            return
         for name in self.repository.names():
             await self.health.set(name, True)
         await self.health.set(INFERENCE_SERVICE, True)
         await self.health.set("", True)
         logger.info("ready: %d models in %.1fs", len(self.repository.names()), time.perf_counter() - start)
+
+    def _start_metrics(self) -> None:
+        if self.telemetry.metrics is None:
+            return
+        tls = self.settings.metrics_tls
+        self._metrics_http = start_http_server(
+            self.settings.metrics_port,
+            self.settings.host,
+            self.registry,
+            certfile=str(self.settings.tls_cert) if tls else None,
+            keyfile=str(self.settings.tls_key) if tls else None,
+        )
+        self.metrics_port = int(self._metrics_http[0].server_port)
+        scheme = "https" if tls else "http"
+        logger.info("metrics on %s://%s:%d/metrics", scheme, self.settings.host, self.metrics_port)
 
     async def stop(self, grace: float | None = None) -> bool:
         """Drain and stop; True when every queued and running request finished in time."""
@@ -177,12 +184,13 @@ class LrnServer:
         if self._server is not None:
             # In-flight RPCs have their answers; give them the rest of the grace to be sent.
             await self._server.stop(max(0.0, deadline - time.monotonic()))
-        await self.repository.stop()
+        await self.repository.stop(timeout=max(0.0, deadline - time.monotonic()))
         if self._metrics_http is not None:
             http, thread = self._metrics_http
             http.shutdown()
             http.server_close()
             thread.join(timeout=5)
+        self.drained = drained
         self._stopped.set()
         logger.info("stopped (%s)", "drained" if drained else "grace period exceeded")
         return drained

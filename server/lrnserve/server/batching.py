@@ -33,7 +33,7 @@ class InternalError(Exception):
     """An unexpected failure inside a batch; the transport reports it as INTERNAL."""
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a queue entry is itself, whatever it holds
 class Pending:
     work: Work
     future: asyncio.Future[torch.Tensor]
@@ -85,18 +85,51 @@ class Batcher:
         self._loop_task = asyncio.create_task(self._dispatch_loop(), name=f"batcher-{self.name}")
 
     async def submit(self, work: Work, deadline: float | None) -> torch.Tensor:
-        """Queue ``work`` and wait for its output (the CPU tensor of its samples)."""
+        """Queue ``work`` and wait for its output (the CPU tensor of its samples).
+
+        A request leaves the queue at once when its caller goes away or its deadline passes,
+        so neither its memory nor its place in the queue outlives it.
+        """
         if self._closed:
             raise Unavailable(f"model '{self.name}' is shutting down; retry on another replica")
         if len(self._queue) >= self.policy.max_queue_size:
-            raise ResourceExhausted(
-                f"model '{self.name}': queue full ({self.policy.max_queue_size} requests waiting); retry later"
-            )
-        future: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
-        self._queue.append(Pending(work, future, time.monotonic(), deadline))
+            self._drop_dead()
+            if len(self._queue) >= self.policy.max_queue_size:
+                raise ResourceExhausted(
+                    f"model '{self.name}': queue full ({self.policy.max_queue_size} requests waiting); retry later"
+                )
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[torch.Tensor] = loop.create_future()
+        pending = Pending(work, future, time.monotonic(), deadline)
+        self._queue.append(pending)
         self._arrived.set()
         self._update_idle()
-        return await future  # cancelling the caller cancels the future: it is skipped
+        timer = None
+        if deadline is not None:
+            timer = loop.call_later(max(0.0, deadline - time.monotonic()), self._expire, pending)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self._remove(pending)
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _expire(self, pending: Pending) -> None:
+        """The deadline passed: fail the request now if it has not started computing."""
+        if pending.dequeued or pending.future.done():
+            return
+        waited_ms = (time.monotonic() - pending.enqueued) * 1e3
+        pending.future.set_exception(
+            DeadlineExceeded(f"model '{self.name}': deadline passed after {waited_ms:.1f} ms in the queue")
+        )
+        self._remove(pending)
+
+    def _remove(self, pending: Pending) -> None:
+        with contextlib.suppress(ValueError):
+            self._queue.remove(pending)
+        self._update_idle()
 
     def close(self) -> None:
         """Refuse new work; what is queued still runs."""
@@ -106,7 +139,8 @@ class Batcher:
         """Until nothing is queued or running."""
         await self._idle.wait()
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float | None = None) -> None:
+        """Stop dispatching, fail what is still queued, wait up to ``timeout`` for running batches."""
         self.close()
         if self._loop_task is not None:
             self._loop_task.cancel()
@@ -117,7 +151,7 @@ class Batcher:
                 pending.future.set_exception(Unavailable(f"model '{self.name}' stopped before this request ran"))
         self._queue.clear()
         if self._running:
-            await asyncio.gather(*self._running, return_exceptions=True)
+            await asyncio.wait(set(self._running), timeout=timeout)
 
     # ---- dispatch ----
 

@@ -15,6 +15,7 @@ from .app import LrnServer
 from .settings import ConfigError, ServerSettings, load_settings
 
 logger = logging.getLogger("lrnserve")
+EXIT_UNDRAINED = -1  # internal: stopped with work still running
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
@@ -55,7 +56,7 @@ async def _serve(settings: ServerSettings) -> int:
         logger.error("start-up failed: %s", exc)
         return 1
     await server.wait_stopped()
-    return 0
+    return 0 if server.drained else EXIT_UNDRAINED
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -70,7 +71,12 @@ def serve(args: argparse.Namespace) -> int:
         stream=sys.stderr,
     )
     try:
-        return eventloop.run(_serve(settings))
+        code = eventloop.run(_serve(settings))
     except ConfigError as exc:
         logger.error("configuration error: %s", exc)
         return 2
+    if code == EXIT_UNDRAINED:
+        # Batches still computing after the grace period: do not wait for their threads.
+        logging.shutdown()
+        os._exit(0)
+    return code

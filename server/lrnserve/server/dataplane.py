@@ -127,6 +127,9 @@ class DataPlane:
         parameters = dict(request.parameters)
         deadline = self._deadline(parameters, request.time_remaining, arrival)
         resolved = servable.resolve(parameters)
+        too_costly = servable.check_cost(tensor.shape, resolved)
+        if too_costly:
+            raise ResourceExhausted(too_costly)
         if self.inflight_bytes + nbytes > self.limits.max_inflight_bytes:
             raise ResourceExhausted(
                 f"server busy: {_bytes_text(self.inflight_bytes)} of requests in flight, limit "

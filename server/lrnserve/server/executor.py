@@ -86,8 +86,8 @@ class Executor:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, self._run, list(items))
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
+    def close(self, wait: bool = True) -> None:
+        self._pool.shutdown(wait=wait, cancel_futures=not wait)
 
     # ---- worker thread side ----
 
@@ -123,7 +123,12 @@ class Executor:
         for part in parts:
             if isinstance(part, ServingError):
                 return [part]
-        return [torch.cat(parts)]  # type: ignore[arg-type]
+        try:
+            return [torch.cat(parts)]  # type: ignore[arg-type]
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            return [ResourceExhausted(f"model '{self.servable.name}': out of memory joining the output")]
 
     def _compute(self, items: list[Work]) -> list[torch.Tensor]:
         first = items[0]

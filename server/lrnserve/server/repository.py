@@ -68,6 +68,7 @@ class ModelRepository:
         }
         self._on_batch = on_batch
         self._on_loaded = on_loaded
+        self._stopping = False
 
     def names(self) -> list[str]:
         return list(self._models)
@@ -92,6 +93,8 @@ class ModelRepository:
         """Load models one after another (each may use every core), starting each batcher."""
         loop = asyncio.get_running_loop()
         for model in self._models.values():
+            if self._stopping:
+                return
             start = time.perf_counter()
             try:
                 servable, description = await loop.run_in_executor(None, self._load, model)
@@ -100,6 +103,8 @@ class ModelRepository:
                 logger.error("model %s: failed to load: %s", model.name, exc)
                 raise
             model.load_seconds = time.perf_counter() - start
+            if self._stopping:  # stop() ran while this model loaded: do not start it
+                return
             executor = Executor(servable, model.device, model.config.instances)
             listener = self._on_batch(model.name) if self._on_batch else None
             model.servable = servable
@@ -129,7 +134,8 @@ class ModelRepository:
         return servable, servable.load(model.device)
 
     def close(self) -> None:
-        """Refuse new requests on every model (queued ones still run)."""
+        """Refuse new requests on every model (queued ones still run); stop loading more."""
+        self._stopping = True
         for model in self._models.values():
             model.ready = False
             if model.batcher is not None:
@@ -144,8 +150,13 @@ class ModelRepository:
             return False
         return True
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float | None = None) -> None:
+        """Stop every batcher, waiting at most ``timeout`` in all for batches still running;
+        worker threads still computing are left to finish on their own."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._stopping = True
         for model in self._models.values():
             if model.batcher is not None:
-                await model.batcher.stop()
-                model.batcher.executor.close()
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                await model.batcher.stop(remaining)
+                model.batcher.executor.close(wait=False)

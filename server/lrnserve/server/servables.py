@@ -24,6 +24,7 @@ from .errors import InvalidArgument
 from .inference import ModelMetadata, ParameterValue, TensorMetadata
 from .models import create_network
 from .ops import MODES, Mode, local_response_norm, local_response_norm_checked, prepare
+from .ops.params import MAX_FLOAT32
 from .settings import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,10 @@ class Servable(ABC):
     def resolve(self, parameters: Mapping[str, ParameterValue]) -> Resolved:
         """Validate request parameters (reserved protocol ones already removed)."""
 
+    def check_cost(self, shape: tuple[int, ...], resolved: Resolved) -> str | None:
+        """Why computing this request would take unreasonably long, or None."""
+        return None
+
     @abstractmethod
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]: ...
 
@@ -80,13 +85,14 @@ class Servable(ABC):
 
 
 def _number(name: str, value: ParameterValue, rule: str, minimum: float, inclusive: bool) -> float:
-    """A double (ints accepted) that is finite and above ``minimum``; else INVALID_ARGUMENT."""
+    """A double (ints accepted), finite, above ``minimum`` and within float32's range (the
+    kernels use it in float32 for half and single precision tensors); else INVALID_ARGUMENT."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidArgument(f"parameters.{name}: expected {rule} (double or int), got {value!r}")
     number = float(value)
     above = number >= minimum if inclusive else number > minimum
-    if not math.isfinite(number) or not above:
-        raise InvalidArgument(f"parameters.{name}: expected {rule}, got {value!r}")
+    if not math.isfinite(number) or not above or abs(number) > MAX_FLOAT32:
+        raise InvalidArgument(f"parameters.{name}: expected {rule} (at most 3.4e38 in magnitude), got {value!r}")
     return number
 
 
@@ -95,6 +101,9 @@ class LRNServable(Servable):
 
     parameter_names = ("mode", "size", "alpha", "beta", "k")
     max_size = 4096
+    # Window additions one request may cost (about 2 s of a 2-core CPU); windows are clipped to
+    # the tensor first, so only windows that really overlap the data count.
+    max_window_terms = 2**33
 
     def load(self, device: torch.device) -> str:
         self.device = device
@@ -122,6 +131,22 @@ class LRNServable(Servable):
             "k": _number("k", parameters.get("k", p.k), "a finite number > 0", 0.0, False),
         }
         return Resolved(group=(mode, size), scalars=scalars)
+
+    def check_cost(self, shape: tuple[int, ...], resolved: Resolved) -> str | None:
+        mode, size = cast(tuple[Mode, int], resolved.group)
+
+        def clipped(extent: int) -> int:
+            return min(size // 2, extent - 1) + min((size - 1) // 2, extent - 1) + 1
+
+        n, c, h, w = shape
+        per_element = clipped(c) if mode == "across" else clipped(h) + clipped(w)
+        terms = n * c * h * w * per_element
+        if terms > self.max_window_terms:
+            return (
+                f"parameters.size: a {mode} window of {size} over {list(shape)} needs {terms:.3g} additions, "
+                f"over the limit of {self.max_window_terms:.3g} per request; use a smaller size or tensor"
+            )
+        return None
 
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
         return input_shape

@@ -336,7 +336,9 @@ def load_settings(
         _reject_unknown("server.", server, tuple(_SERVER_KEYS))
         base_dir = config.resolve().parent
         values = {
-            key: _SERVER_KEYS[key](f"server.{key}", str(base_dir / value) if key in _PATH_KEYS else value)
+            key: _SERVER_KEYS[key](
+                f"server.{key}", str(base_dir / value) if key in _PATH_KEYS and isinstance(value, str) else value
+            )
             for key, value in server.items()
         }
         settings = replace(settings, **values)
@@ -356,8 +358,11 @@ def load_settings(
     for key, value in (overrides or {}).items():
         if value is not None:
             settings = replace(settings, **{key: _SERVER_KEYS[key](f"--{key.replace('_', '-')}", value)})
-    if env.get(ENV_PREFIX + "TOKEN"):
-        settings = replace(settings, token=Secret(env[ENV_PREFIX + "TOKEN"].strip()))
+    if env.get(ENV_PREFIX + "TOKEN", "") != "":
+        token = env[ENV_PREFIX + "TOKEN"].strip()
+        if not token:
+            raise ConfigError("LRNSERVE_TOKEN: only whitespace; unset it, or give the token")
+        settings = replace(settings, token=Secret(token))
     return check_security(settings)
 
 

@@ -32,16 +32,22 @@ def local_response_norm_composed(
     shape = (-1, 1, 1, 1)
     alpha_, beta_, k_ = (p.to(device=x.device, dtype=acc).reshape(shape) for p in (alpha, beta, k))
     square = xa * xa
-    before, after = size // 2, (size - 1) // 2
-    channels = x.shape[1]
+    # Offsets beyond the tensor only add zeros: pad no further than it reaches (a huge size
+    # must not allocate a huge padded copy), and divide by the full window as the definition says.
     if mode == "across":
+        channels = x.shape[1]
+        before, after = min(size // 2, channels - 1), min((size - 1) // 2, channels - 1)
         padded = F.pad(square, (0, 0, 0, 0, before, after))
         total = padded[:, 0:channels]
-        for offset in range(1, size):
+        for offset in range(1, before + after + 1):
             total = total + padded[:, offset : offset + channels]
         mean = total / size
     else:
-        padded = F.pad(square, (before, after, before, after))
-        mean = F.avg_pool2d(padded, size, stride=1)
+        height, width = x.shape[2], x.shape[3]
+        rows = (min(size // 2, height - 1), min((size - 1) // 2, height - 1))
+        cols = (min(size // 2, width - 1), min((size - 1) // 2, width - 1))
+        padded = F.pad(square, (cols[0], cols[1], rows[0], rows[1]))
+        kernel = (sum(rows) + 1, sum(cols) + 1)
+        mean = F.avg_pool2d(padded, kernel, stride=1) * (kernel[0] * kernel[1] / (size * size))
     y = xa / (k_ + alpha_ * mean).pow(beta_)
     return y.to(x.dtype)

@@ -15,7 +15,7 @@ from torch import nn
 
 from . import native
 from .composed import local_response_norm_composed
-from .params import LRNParams, Mode, check_alpha, check_beta, check_k, check_mode, check_size
+from .params import MAX_FLOAT32, LRNParams, Mode, check_alpha, check_beta, check_k, check_mode, check_size
 
 PerSample = float | Sequence[float] | torch.Tensor
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -65,9 +65,11 @@ class _Rule:
         return values.contiguous()
 
 
-_ALPHA = _Rule("alpha", check_alpha, lambda v: ~torch.isfinite(v) | (v < 0), "a finite number >= 0")
+_ALPHA = _Rule(
+    "alpha", check_alpha, lambda v: ~torch.isfinite(v) | (v < 0) | (v > MAX_FLOAT32), "a finite number in [0, 3.4e38]"
+)
 _BETA = _Rule("beta", check_beta, lambda v: ~torch.isfinite(v), "a finite number")
-_K = _Rule("k", check_k, lambda v: ~torch.isfinite(v) | (v <= 0), "a finite number > 0")
+_K = _Rule("k", check_k, lambda v: ~torch.isfinite(v) | (v <= 0) | (v > MAX_FLOAT32), "a finite number in (0, 3.4e38]")
 
 
 def local_response_norm(

@@ -17,11 +17,14 @@ Mode = Literal["across", "within"]
 MODES: tuple[Mode, ...] = ("across", "within")
 
 
+MAX_SIZE = 2**31 - 1
+# alpha/size and k are used in float32 for float32, float16 and bfloat16 tensors.
+MAX_FLOAT32 = 3.4028234663852886e38
+
+
 def check_size(size: object) -> int:
-    if isinstance(size, bool) or not isinstance(size, int):
-        raise ValueError(f"size must be an integer >= 1, got {size!r}")
-    if size < 1:
-        raise ValueError(f"size must be an integer >= 1, got {size}")
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_SIZE:
+        raise ValueError(f"size must be an integer >= 1 (and <= {MAX_SIZE}), got {size!r}")
     return size
 
 
@@ -34,8 +37,8 @@ def check_mode(mode: object) -> Mode:
 
 
 def check_alpha(alpha: float) -> float:
-    if not math.isfinite(alpha) or alpha < 0:
-        raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
+    if not math.isfinite(alpha) or not 0 <= alpha <= MAX_FLOAT32:
+        raise ValueError(f"alpha must be a finite number >= 0 (and <= {MAX_FLOAT32:.4g}), got {alpha!r}")
     return float(alpha)
 
 
@@ -46,8 +49,8 @@ def check_beta(beta: float) -> float:
 
 
 def check_k(k: float) -> float:
-    if not math.isfinite(k) or k <= 0:
-        raise ValueError(f"k must be a finite number > 0, got {k!r}")
+    if not math.isfinite(k) or not 0 < k <= MAX_FLOAT32:
+        raise ValueError(f"k must be a finite number > 0 (and <= {MAX_FLOAT32:.4g}), got {k!r}")
     return float(k)
 
 

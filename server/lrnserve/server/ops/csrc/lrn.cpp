@@ -206,6 +206,16 @@ SampleParams<A> sample_params(const double* alpha, const double* beta, const dou
                          static_cast<A>(k[n]), classify(beta[n])};
 }
 
+// The part of a window of `size` that can overlap an extent of `extent` elements: offsets beyond
+// extent - 1 only ever add zeros, so windows longer than the tensor cost no more than it.
+struct Window {
+  int64_t before, after;
+  Window(int size, int64_t extent)
+      : before(std::min<int64_t>(size / 2, extent - 1)),
+        after(std::min<int64_t>((size - 1) / 2, extent - 1)) {}
+  int64_t width() const { return before + after + 1; }
+};
+
 // ---- across channels ---------------------------------------------------------
 
 // y[i] = x[i] / (k + scale * s[i])^beta, the last step shared by both modes.
@@ -279,10 +289,10 @@ void across_row(int nrows, const T* const* rows, const T* xc, T* y, int64_t len,
 template <Power P, typename T, typename A>
 void across_tile(const T* x, T* y, int64_t C, int64_t HW, int64_t p0, int64_t len, int size,
                  const SampleParams<A>& p, std::vector<const T*>& rows, A* sum) {
-  const int64_t before = size / 2, after = (size - 1) / 2;
+  const Window window(size, C);
   for (int64_t c = 0; c < C; ++c) {
-    const int64_t lo = std::max<int64_t>(0, c - before);
-    const int64_t hi = std::min<int64_t>(C - 1, c + after);
+    const int64_t lo = std::max<int64_t>(0, c - window.before);
+    const int64_t hi = std::min<int64_t>(C - 1, c + window.after);
     const int nrows = static_cast<int>(hi - lo + 1);
     for (int w = 0; w < nrows; ++w) rows[w] = x + (lo + w) * HW + p0;
     across_row<1, P>(nrows, rows.data(), x + c * HW + p0, y + c * HW + p0, len, p, sum);
@@ -389,24 +399,24 @@ struct WithinScratch {
 
 // Rows [h0, h1) of one H x W plane.
 template <typename T, typename A>
-void within_block(const T* x, T* y, int64_t H, int64_t W, int64_t h0, int64_t h1, int size,
-                  const SampleParams<A>& p, WithinScratch<T, A>& s) {
-  const int64_t before = size / 2, after = (size - 1) / 2;
-  const int64_t r0 = std::max<int64_t>(0, h0 - before);
-  const int64_t r1 = std::min<int64_t>(H, h1 + after);
+void within_block(const T* x, T* y, int64_t H, int64_t W, int64_t h0, int64_t h1, Window rows,
+                  Window cols, const SampleParams<A>& p, WithinScratch<T, A>& s) {
+  const int64_t r0 = std::max<int64_t>(0, h0 - rows.before);
+  const int64_t r1 = std::min<int64_t>(H, h1 + rows.after);
+  const int width = static_cast<int>(cols.width());
   for (int64_t h = r0; h < r1; ++h) {
     const T* xr = x + h * W;
-    A* pr = s.padded.data() + before;
+    A* pr = s.padded.data() + cols.before;
 #pragma GCC ivdep
     for (int64_t w = 0; w < W; ++w) {
       const A v = to_acc(xr[w]);
       pr[w] = v * v;
     }
-    box_row<1>(size, s.padded.data(), s.rowsum.data() + (h - r0) * W, W);
+    box_row<1>(width, s.padded.data(), s.rowsum.data() + (h - r0) * W, W);
   }
   for (int64_t h = h0; h < h1; ++h) {
-    const int64_t lo = std::max<int64_t>(0, h - before);
-    const int64_t hi = std::min<int64_t>(H - 1, h + after);
+    const int64_t lo = std::max<int64_t>(0, h - rows.before);
+    const int64_t hi = std::min<int64_t>(H - 1, h + rows.after);
     const int nrows = static_cast<int>(hi - lo + 1);
     for (int r = 0; r < nrows; ++r) s.rows[r] = s.rowsum.data() + (lo + r - r0) * W;
     column_sum<1>(nrows, s.rows.data(), s.total.data(), W);
@@ -431,26 +441,27 @@ template <typename T>
 void lrn_within(const T* x, T* y, int64_t N, int64_t C, int64_t H, int64_t W, int size,
                 const double* alpha, const double* beta, const double* k, int threads) {
   using A = typename Acc<T>::type;
+  const Window rows(size, H), cols(size, W);
   // Row blocks bound the scratch to ~256 KiB (L2) for large planes.
   const int64_t block = std::min<int64_t>(H, std::max<int64_t>(8, 65536 / W));
   const int64_t blocks = (H + block - 1) / block;
   const int64_t items = N * C * blocks;
-  const int64_t halo = std::min<int64_t>(H, block + size - 1);
+  const int64_t halo = std::min<int64_t>(H, block + rows.width() - 1);
   const bool parallel = threads > 1 && items > 1 && N * C * H * W >= 32768;
 #pragma omp parallel num_threads(threads) if (parallel)
   {
     WithinScratch<T, A> s;
-    s.padded.assign(static_cast<size_t>(W + size - 1), A(0));
+    s.padded.assign(static_cast<size_t>(W + cols.width() - 1), A(0));
     s.rowsum.resize(static_cast<size_t>(halo * W));
     s.total.resize(static_cast<size_t>(W));
-    s.rows.resize(static_cast<size_t>(std::min<int64_t>(size, H)));
+    s.rows.resize(static_cast<size_t>(std::min<int64_t>(rows.width(), H)));
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < items; ++item) {
       const int64_t plane = item / blocks, b = item % blocks;
       const int64_t n = plane / C;
       const auto sp = sample_params<A>(alpha, beta, k, n, static_cast<double>(size) * size);
       const int64_t h0 = b * block, h1 = std::min(H, h0 + block);
-      within_block(x + plane * H * W, y + plane * H * W, H, W, h0, h1, size, sp, s);
+      within_block(x + plane * H * W, y + plane * H * W, H, W, h0, h1, rows, cols, sp, s);
     }
   }
 }

@@ -93,7 +93,9 @@ class Client(BaseClient):
         return self._run(self._statistics(model), timeout)
 
     def infer(self, model: str, x: Any, *, timeout: float | None = None, **parameters: Any) -> Any:
-        """Run ``model`` on ``x`` (NCHW, or CHW for one sample) with request ``parameters``."""
+        """Run ``model`` on ``x`` (NCHW, or CHW for one sample) with request ``parameters``.
+
+        numpy results are read-only views of the response bytes (``np.array(y)`` copies)."""
         return self._run(self._infer(model, x, parameters), timeout)
 
     def lrn(

@@ -15,7 +15,7 @@ from harness import ServerThread, gate_model, infer_request, lrn_model, output_a
 
 from lrnserve.client import Client, ResourceExhausted
 from lrnserve.server.ops import local_response_norm
-from lrnserve.server.servables import LRNServable
+from lrnserve.server.servables import LRNServable, Resolved
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +72,6 @@ def test_windows_too_costly_for_the_tensor(server: ServerThread) -> None:
     assert code == grpc.StatusCode.OK
     servable = server.server.repository.get("lrn").servable
     assert servable is not None
-    from lrnserve.server.servables import Resolved
-
     huge = servable.check_cost((64, 1, 4096, 4096), Resolved(("within", 4096), {}))
     assert huge is not None and "parameters.size" in huge and "additions" in huge
     assert servable.check_cost((32, 96, 55, 55), Resolved(("across", 5), {})) is None

@@ -26,7 +26,7 @@ from lrnserve.client.pb import health_pb2, health_pb2_grpc
 from .dataplane import DataPlane, Limits
 from .metrics import Metrics
 from .repository import ModelRepository, ServedModel
-from .settings import ConfigError, ServerSettings
+from .settings import ServerSettings, check_security
 from .statistics import StatisticsStore
 from .telemetry import Telemetry
 from .transport.auth import TokenAuth
@@ -60,8 +60,6 @@ def grpc_options(settings: ServerSettings) -> list[tuple[str, int]]:
 def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
     """TLS (mutual when a client CA is set) from the configured files; None for plaintext."""
     if settings.tls_cert is None or settings.tls_key is None:
-        if not settings.plaintext:
-            raise ConfigError("plaintext: no TLS certificate configured and plaintext not asked for")
         return None
     client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
     return grpc.ssl_server_credentials(
@@ -75,6 +73,9 @@ class LrnServer:
     """One server process: gRPC inference + health + reflection over a model repository."""
 
     def __init__(self, settings: ServerSettings, registry: CollectorRegistry | None = None) -> None:
+        # The same rules as for loaded settings, also for ones built in code: TLS or plaintext
+        # explicitly, usable TLS file combinations, the token read.
+        settings = check_security(settings)
         self.settings = settings
         self.repository = ModelRepository(
             settings,

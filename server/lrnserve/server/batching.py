@@ -120,11 +120,14 @@ class Batcher:
         """The deadline passed: fail the request now if it has not started computing."""
         if pending.dequeued or pending.future.done():
             return
+        self._fail_expired(pending)
+        self._remove(pending)
+
+    def _fail_expired(self, pending: Pending) -> None:
         waited_ms = (time.monotonic() - pending.enqueued) * 1e3
         pending.future.set_exception(
             DeadlineExceeded(f"model '{self.name}': deadline passed after {waited_ms:.1f} ms in the queue")
         )
-        self._remove(pending)
 
     def _remove(self, pending: Pending) -> None:
         with contextlib.suppress(ValueError):
@@ -172,17 +175,14 @@ class Batcher:
         self._update_idle()
 
     def _drop_dead(self) -> None:
-        """Forget cancelled requests; fail expired ones. Both before any compute."""
+        """Forget cancelled requests; fail expired ones (their timers may not have fired yet)."""
         now = time.monotonic()
         alive: deque[Pending] = deque()
         for pending in self._queue:
             if pending.future.done():
                 continue
             if pending.deadline is not None and now >= pending.deadline:
-                waited_ms = (now - pending.enqueued) * 1e3
-                pending.future.set_exception(
-                    DeadlineExceeded(f"model '{self.name}': deadline passed after {waited_ms:.1f} ms in the queue")
-                )
+                self._fail_expired(pending)
                 continue
             alive.append(pending)
         self._queue = alive

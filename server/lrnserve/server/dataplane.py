@@ -50,9 +50,6 @@ class Limits:
         return cls(settings.max_tensor_bytes, settings.max_tensor_elements, settings.max_inflight_bytes)
 
 
-RESERVED_PARAMETERS = ("timeout", "priority")
-
-
 def _shape_text(shape: tuple[int, ...]) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 

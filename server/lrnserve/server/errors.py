@@ -38,7 +38,3 @@ class DeadlineExceeded(ServingError):
 
 class Unavailable(ServingError):
     code = grpc.StatusCode.UNAVAILABLE
-
-
-class Cancelled(ServingError):
-    code = grpc.StatusCode.CANCELLED

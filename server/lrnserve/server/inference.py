@@ -1,5 +1,8 @@
 """Transport-neutral request and response objects.
 
+Metadata types are the client's own (``lrnserve.client``): they describe the same protocol
+objects on both sides.
+
 The gRPC layer turns protobuf messages into these (and back) without judging
 them; the dataplane validates them. Tensor payloads stay as the bytes that came
 off the wire until the batcher copies them into a batch.
@@ -10,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from lrnserve.client import ModelMetadata, ServerMetadata, TensorMetadata
 
 ParameterValue = bool | int | float | str
 
@@ -54,24 +59,13 @@ class InferenceResponse:
     outputs: tuple[OutputTensor, ...]
 
 
-@dataclass(frozen=True)
-class TensorMetadata:
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class ModelMetadata:
-    name: str
-    versions: tuple[str, ...]
-    platform: str
-    inputs: tuple[TensorMetadata, ...]
-    outputs: tuple[TensorMetadata, ...]
-
-
-@dataclass(frozen=True)
-class ServerMetadata:
-    name: str
-    version: str
-    extensions: tuple[str, ...]
+__all__ = [
+    "InferenceRequest",
+    "InferenceResponse",
+    "InputTensor",
+    "ModelMetadata",
+    "OutputTensor",
+    "ParameterValue",
+    "ServerMetadata",
+    "TensorMetadata",
+]

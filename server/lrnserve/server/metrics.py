@@ -138,39 +138,36 @@ class Metrics:
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
         GCCollector(registry=registry)
-        self._devices = models
+        # labels() costs a lock and a tuple per call; the children never change, so keep them.
+        # Every served model's series exist from the start, so rates and ratios are defined at once.
         self._counters: dict[tuple[str, str], Counter] = {}
-        self._histograms: dict[tuple[int, str], Histogram] = {}
+        self._durations: dict[str, Histogram] = {}
+        self._batches: dict[str, tuple[Histogram, Histogram, Histogram]] = {}
         for model, device in models.items():
-            # Every series exists from the start, so rates and ratios are defined at once.
-            self.request_duration.labels(model)
-            self.queue_duration.labels(model)
-            self.compute_duration.labels(model, device)
-            self.batch_size.labels(model)
-            self.requests.labels(model, "OK")
+            self._durations[model] = self.request_duration.labels(model)
+            self._batches[model] = (
+                self.batch_size.labels(model),
+                self.compute_duration.labels(model, device),
+                self.queue_duration.labels(model),
+            )
+            self._counters[(model, "OK")] = self.requests.labels(model, "OK")
             self.queue_capacity.labels(model).set(queue_capacity[model])
 
     def record_request(self, model: str, code: str, seconds: float) -> None:
-        # labels() costs a lock and a tuple per call; the children never change, so keep them.
         counter = self._counters.get((model, code))
         if counter is None:
             counter = self._counters[(model, code)] = self.requests.labels(model, code)
         counter.inc()
-        self._child(self.request_duration, model).observe(seconds)
+        duration = self._durations.get(model)
+        if duration is None:  # requests for models not served ("_unknown")
+            duration = self._durations[model] = self.request_duration.labels(model)
+        duration.observe(seconds)
 
     def record_batch(self, model: str, record: BatchRecord) -> None:
         if record.failed:
             return
-        self._child(self.batch_size, model).observe(record.samples)
-        self._child(self.compute_duration, model).observe(record.compute_seconds)
-        queue = self._child(self.queue_duration, model)
+        batch_size, compute, queue = self._batches[model]
+        batch_size.observe(record.samples)
+        compute.observe(record.compute_seconds)
         for waited in record.queue_seconds:
             queue.observe(waited)
-
-    def _child(self, histogram: Histogram, model: str) -> Histogram:
-        key = (id(histogram), model)
-        child = self._histograms.get(key)
-        if child is None:
-            labels = (model, self._devices[model]) if histogram is self.compute_duration else (model,)
-            child = self._histograms[key] = histogram.labels(*labels)
-        return child

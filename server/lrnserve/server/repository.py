@@ -48,7 +48,6 @@ class ServedModel:
     batcher: Batcher | None = None
     ready: bool = False
     load_seconds: float = 0.0
-    error: str | None = None
 
     @property
     def name(self) -> str:
@@ -99,7 +98,6 @@ class ModelRepository:
             try:
                 servable, description = await loop.run_in_executor(None, self._load, model)
             except Exception as exc:
-                model.error = str(exc)
                 logger.error("model %s: failed to load: %s", model.name, exc)
                 raise
             model.load_seconds = time.perf_counter() - start

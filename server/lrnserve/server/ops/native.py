@@ -95,10 +95,6 @@ class NativeKernel:
             raise RuntimeError(f"native LRN kernel rejected its arguments (code {rc})")
 
 
-def supports(dtype: torch.dtype) -> bool:
-    return dtype in _DTYPE_CODES
-
-
 def cache_dir() -> Path:
     """Where built kernels live: $LRNSERVE_KERNEL_CACHE, else the user's cache directory."""
     explicit = os.environ.get("LRNSERVE_KERNEL_CACHE")

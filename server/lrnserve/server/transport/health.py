@@ -47,9 +47,6 @@ class HealthService(health_pb2_grpc.HealthServicer):
             self._status[service] = SERVING if serving else NOT_SERVING
             self._changed.notify_all()
 
-    def status(self, service: str) -> int | None:
-        return self._status.get(service)
-
     async def Check(
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> health_pb2.HealthCheckResponse:

@@ -76,23 +76,41 @@ def make_harness() -> Iterator[object]:
 
 def test_full_batch_dispatches_without_waiting_for_the_delay(make_harness: object) -> None:
     h = make_harness(max_batch_size=4, max_queue_delay_us=20_000_000)  # type: ignore[operator]
-    start = time.monotonic()
+    blocker = h.occupy()
     futures = [h.send(float(i)) for i in range(4)]
-    for f in futures:
+    h.wait_queued(4)  # five requests in the batcher at once: more are expected, but the batch is full
+    start = time.monotonic()
+    h.model.gate.set()
+    for f in [blocker, *futures]:
         f.result(timeout=30)
     assert time.monotonic() - start < 10, "a full batch must not wait for max_queue_delay_us"
-    assert sorted(h.model.batches[0]) == [0.0, 1.0, 2.0, 3.0]
-    assert [r.samples for r in h.records] == [4]
+    assert [sorted(b) for b in h.model.batches] == [[-1.0], [0.0, 1.0, 2.0, 3.0]]
+    assert [r.samples for r in h.records] == [1, 4]
 
 
-def test_partial_batch_flushes_after_the_delay(make_harness: object) -> None:
+def test_partial_batch_waits_for_the_delay_while_more_are_expected(make_harness: object) -> None:
     h = make_harness(max_batch_size=32, max_queue_delay_us=300_000)  # type: ignore[operator]
-    start = time.monotonic()
+    blocker = h.occupy()
     futures = [h.send(float(i)) for i in range(3)]
+    h.wait_queued(3)  # four requests were in the batcher at once; three are queued
+    h.model.gate.set()
+    blocker.result(timeout=30)  # type: ignore[attr-defined]
+    done = time.monotonic()
     for f in futures:
         f.result(timeout=30)
-    assert time.monotonic() - start >= 0.3, "dispatched before the delay with a partial batch"
-    assert [sorted(b) for b in h.model.batches] == [[0.0, 1.0, 2.0]]
+    assert [sorted(b) for b in h.model.batches] == [[-1.0], [0.0, 1.0, 2.0]]
+    waited = h.records[1].queue_seconds  # the oldest request waited the delay
+    assert max(waited) >= 0.3 and time.monotonic() - done >= 0.25, "dispatched a partial batch before the delay"
+
+
+def test_a_lone_caller_never_waits_for_the_delay(make_harness: object) -> None:
+    h = make_harness(max_batch_size=32, max_queue_delay_us=20_000_000)  # type: ignore[operator]
+    start = time.monotonic()
+    for i in range(3):  # one after another: nobody to wait for
+        h.send(float(i)).result(timeout=30)  # type: ignore[attr-defined]
+    assert time.monotonic() - start < 10, "a request with no company waited for max_queue_delay_us"
+    assert h.model.batches == [[0.0], [1.0], [2.0]]
+    assert all(max(r.queue_seconds) < 5 for r in h.records)
 
 
 def test_batch_is_formed_from_what_queued_while_the_instance_was_busy(make_harness: object) -> None:

@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
+from ._allocator import DEFAULT_CACHE_BYTES, keep_freed_memory
 from ._client import Client
 from ._config import TLS
 from ._errors import LrnserveError
@@ -173,6 +174,7 @@ def bench_table(results: list[LoadResult]) -> str:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    keep_freed_memory(DEFAULT_CACHE_BYTES)  # a load generator should cost the machine little
     dtype = {"FP32": np.float32, "FP16": np.float16, "FP64": np.float64}[args.dtype]
     x = np.random.default_rng(0).standard_normal(args.shape).astype(dtype)
     request, _ = encode(args.model, x, dict(args.parameter or []))

@@ -1,6 +1,6 @@
 """Dynamic batching: one queue per model, batches formed when an instance is free.
 
-The batcher waits for a free model instance, then for work: it dispatches a
+Whenever a model instance is free and requests wait, the batcher dispatches a
 batch as soon as the requests compatible with the oldest one (same sample
 shape, dtype and model group) fill ``max_batch_size`` samples, or when the
 oldest has waited ``max_queue_delay_us``. Requests that cannot join (another
@@ -8,19 +8,30 @@ group, or too large to fit) keep their place for the next batch; a request
 larger than ``max_batch_size`` runs alone. Cancelled requests are skipped and
 expired ones fail with DEADLINE_EXCEEDED before any compute. When a batch
 fails, each of its requests gets its own error; other batches are untouched.
+
+The delay is spent only while company can be expected: the batcher tracks how
+many requests were in it at once (queued or computing) over the last second or
+so, and a batch waits for more only while it holds fewer than that. A lone
+caller is never delayed; under concurrent load the wait lets batches grow past
+what arrives while one computes, which on small requests saves most of the
+per-batch cost (the hand-off to the instance thread and back).
+
+Dispatching is callback-driven on the event loop (no task or future per
+batch): a new request or a finished batch schedules one ``_dispatch`` at the
+end of the loop's current round, so requests that arrive in the same round
+join the same batch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import torch
 
 from .errors import DeadlineExceeded, ResourceExhausted, ServingError, Unavailable
 from .executor import BatchResult, Executor, Work
@@ -33,10 +44,10 @@ class InternalError(Exception):
     """An unexpected failure inside a batch; the transport reports it as INTERNAL."""
 
 
-@dataclass(eq=False)  # identity: a queue entry is itself, whatever it holds
+@dataclass(eq=False, slots=True)  # identity: a queue entry is itself, whatever it holds
 class Pending:
     work: Work
-    future: asyncio.Future[torch.Tensor]
+    future: asyncio.Future[bytes]
     enqueued: float  # time.monotonic()
     deadline: float | None  # time.monotonic() by which compute must start
     dequeued: float = field(default=0.0)
@@ -56,6 +67,35 @@ class BatchRecord:
 BatchListener = Callable[[BatchRecord], None]
 
 
+PEAK_WINDOW_SECONDS = 0.5
+
+
+class _WindowMax:
+    """The largest value observed in the current or the previous window of ``seconds``."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._start = 0.0
+        self._current = 0
+        self._previous = 0
+
+    def _roll(self, now: float) -> None:
+        if now - self._start >= self.seconds:
+            skipped = now - self._start >= 2 * self.seconds  # a whole window without observations
+            self._previous = 0 if skipped else self._current
+            self._current = 0
+            self._start = now
+
+    def observe(self, value: int, now: float) -> None:
+        self._roll(now)
+        if value > self._current:
+            self._current = value
+
+    def value(self, now: float) -> int:
+        self._roll(now)
+        return max(self._current, self._previous)
+
+
 class Batcher:
     def __init__(
         self,
@@ -69,28 +109,34 @@ class Batcher:
         self.policy = policy
         self._on_batch = on_batch
         self._queue: deque[Pending] = deque()
-        self._arrived = asyncio.Event()
-        self._slots = asyncio.Semaphore(executor.instances)
-        self._running: set[asyncio.Task[None]] = set()
-        self._loop_task: asyncio.Task[None] | None = None
-        self._closed = False
+        self._free = executor.instances  # instances not computing a batch
+        self._running = 0  # batches being computed
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._dispatch_scheduled = False
+        self._computing = 0  # requests in running batches
+        self._concurrency = _WindowMax(PEAK_WINDOW_SECONDS)  # requests in the batcher at once, lately
+        self._delay_timer: asyncio.TimerHandle | None = None
+        self._closed = False  # no new requests
+        self._stopped = False  # no more batches
         self._idle = asyncio.Event()  # set while nothing is queued or executing
         self._idle.set()
+        self._quiet = asyncio.Event()  # set while no batch is executing
+        self._quiet.set()
 
     @property
     def queue_depth(self) -> int:
         return len(self._queue)
 
     def start(self) -> None:
-        self._loop_task = asyncio.create_task(self._dispatch_loop(), name=f"batcher-{self.name}")
+        self._loop = asyncio.get_running_loop()
 
-    async def submit(self, work: Work, deadline: float | None) -> torch.Tensor:
-        """Queue ``work`` and wait for its output (the CPU tensor of its samples).
+    async def submit(self, work: Work, deadline: float | None) -> bytes:
+        """Queue ``work`` and wait for its output (the bytes of its samples' results).
 
         A request leaves the queue at once when its caller goes away or its deadline passes,
         so neither its memory nor its place in the queue outlives it.
         """
-        if self._closed:
+        if self._closed or self._loop is None:
             raise Unavailable(f"model '{self.name}' is shutting down; retry on another replica")
         if len(self._queue) >= self.policy.max_queue_size:
             self._drop_dead()
@@ -98,12 +144,13 @@ class Batcher:
                 raise ResourceExhausted(
                     f"model '{self.name}': queue full ({self.policy.max_queue_size} requests waiting); retry later"
                 )
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[torch.Tensor] = loop.create_future()
+        loop = self._loop
+        future: asyncio.Future[bytes] = loop.create_future()
         pending = Pending(work, future, time.monotonic(), deadline)
         self._queue.append(pending)
-        self._arrived.set()
-        self._update_idle()
+        self._concurrency.observe(len(self._queue) + self._computing, pending.enqueued)
+        self._idle.clear()
+        self._schedule_dispatch()
         timer = None
         if deadline is not None:
             timer = loop.call_later(max(0.0, deadline - time.monotonic()), self._expire, pending)
@@ -145,34 +192,123 @@ class Batcher:
     async def stop(self, timeout: float | None = None) -> None:
         """Stop dispatching, fail what is still queued, wait up to ``timeout`` for running batches."""
         self.close()
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
+        self._stopped = True
+        if self._delay_timer is not None:
+            self._delay_timer.cancel()
         for pending in self._queue:
             if not pending.future.done():
                 pending.future.set_exception(Unavailable(f"model '{self.name}' stopped before this request ran"))
         self._queue.clear()
+        self._update_idle()
         if self._running:
-            await asyncio.wait(set(self._running), timeout=timeout)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._quiet.wait(), timeout=timeout)
 
     # ---- dispatch ----
 
-    async def _dispatch_loop(self) -> None:
-        while True:
-            await self._slots.acquire()
-            try:
-                batch = await self._next_batch()
-            except BaseException:
-                self._slots.release()
-                raise
-            task = asyncio.create_task(self._execute(batch))
-            self._running.add(task)
-            task.add_done_callback(self._finished)
+    def _schedule_dispatch(self) -> None:
+        if self._free and not self._dispatch_scheduled and not self._stopped and self._loop is not None:
+            self._dispatch_scheduled = True
+            self._loop.call_soon(self._dispatch)
 
-    def _finished(self, task: asyncio.Task[None]) -> None:
-        self._running.discard(task)
+    def _dispatch(self) -> None:
+        """Start batches while an instance is free and the queue has one ready."""
+        self._dispatch_scheduled = False
+        if self._delay_timer is not None:
+            self._delay_timer.cancel()
+            self._delay_timer = None
+        max_samples = self.policy.max_batch_size
+        delay = self.policy.max_queue_delay_us / 1e6
+        while self._free and self._queue and not self._stopped:
+            now = time.monotonic()
+            first = self._queue[0]
+            if first.future.done():
+                self._queue.popleft()
+                continue
+            if first.deadline is not None and now >= first.deadline:
+                self._queue.popleft()
+                self._fail_expired(first)
+                continue
+            group = first.work.group
+            waited = now - first.enqueued
+            if waited < delay and self._expects_more(now) and not self._fills(group, max_samples):
+                assert self._loop is not None
+                self._delay_timer = self._loop.call_later(delay - waited, self._dispatch)
+                break
+            self._start(self._take(group, max_samples, now))
         self._update_idle()
+
+    def _expects_more(self, now: float) -> bool:
+        """Whether more requests can be expected soon: fewer are queued than were lately in
+        the batcher at once."""
+        return len(self._queue) < self._concurrency.value(now)
+
+    def _fills(self, group: object, max_samples: int) -> bool:
+        """Whether the queued requests of ``group`` make a full batch."""
+        samples = 0
+        for pending in self._queue:
+            if pending.work.group == group and not pending.future.done():
+                samples += pending.work.samples
+                if samples >= max_samples:
+                    return True
+        return False
+
+    def _take(self, group: object, max_samples: int, now: float) -> list[Pending]:
+        """The oldest live request and the compatible ones behind it that fit, in queue order."""
+        taken: list[Pending] = []
+        samples = 0
+        rest: deque[Pending] = deque()
+        for pending in self._queue:
+            if pending.future.done():
+                continue
+            if pending.deadline is not None and now >= pending.deadline:
+                self._fail_expired(pending)
+                continue
+            n = pending.work.samples
+            if pending.work.group == group and (not taken or (samples < max_samples and samples + n <= max_samples)):
+                pending.dequeued = now
+                taken.append(pending)
+                samples += n
+            else:
+                rest.append(pending)
+        self._queue = rest
+        return taken
+
+    def _start(self, batch: list[Pending]) -> None:
+        if not batch:
+            return
+        self._free -= 1
+        self._running += 1
+        self._computing += len(batch)
+        self._quiet.clear()
+        self.executor.submit([p.work for p in batch], functools.partial(self._finished, batch))
+
+    def _finished(self, batch: list[Pending], result: BatchResult | BaseException) -> None:
+        """A batch came back from its instance (on the event loop)."""
+        self._free += 1
+        self._running -= 1
+        self._computing -= len(batch)
+        if not self._running:
+            self._quiet.set()
+        samples = sum(p.work.samples for p in batch)
+        waits = tuple(p.dequeued - p.enqueued for p in batch)
+        if isinstance(result, BaseException):  # every request of the batch gets its own error
+            record = BatchRecord(samples, len(batch), 0.0, waits, failed=True)
+            self._fail(batch, result)
+        else:
+            record = BatchRecord(samples, len(batch), result.compute_seconds, waits, failed=False)
+            for pending, output in zip(batch, result.outputs, strict=True):
+                if pending.future.done():
+                    continue
+                if isinstance(output, ServingError):
+                    pending.future.set_exception(output)  # made for this request alone
+                else:
+                    pending.future.set_result(output)
+        if self._queue:
+            self._schedule_dispatch()
+        self._update_idle()
+        if self._on_batch is not None:
+            self._on_batch(record)
 
     def _drop_dead(self) -> None:
         """Forget cancelled requests; fail expired ones (their timers may not have fired yet)."""
@@ -194,69 +330,7 @@ class Batcher:
         else:
             self._idle.clear()
 
-    async def _next_batch(self) -> list[Pending]:
-        max_samples = self.policy.max_batch_size
-        delay = self.policy.max_queue_delay_us / 1e6
-        while True:
-            self._drop_dead()
-            if not self._queue:
-                self._arrived.clear()
-                await self._arrived.wait()
-                continue
-            first = self._queue[0]
-            group = first.work.group
-            ready = sum(p.work.samples for p in self._queue if p.work.group == group)
-            waited = time.monotonic() - first.enqueued
-            if ready >= max_samples or waited >= delay:
-                return self._take(group, max_samples)
-            self._arrived.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._arrived.wait(), timeout=delay - waited)
-
-    def _take(self, group: object, max_samples: int) -> list[Pending]:
-        first = self._queue.popleft()
-        taken, samples, rest = [first], first.work.samples, deque[Pending]()
-        for pending in self._queue:
-            fits = samples + pending.work.samples <= max_samples
-            if pending.work.group == group and fits and samples < max_samples:
-                taken.append(pending)
-                samples += pending.work.samples
-            else:
-                rest.append(pending)
-        self._queue = rest
-        now = time.monotonic()
-        for pending in taken:
-            pending.dequeued = now
-        return taken
-
-    async def _execute(self, batch: list[Pending]) -> None:
-        record: BatchRecord | None = None
-        try:
-            live = [p for p in batch if not p.future.done()]
-            if not live:
-                return
-            samples = sum(p.work.samples for p in live)
-            waits = tuple(p.dequeued - p.enqueued for p in live)
-            try:
-                result: BatchResult = await self.executor.run([p.work for p in live])
-            except Exception as exc:  # every request of the batch gets its own error
-                record = BatchRecord(samples, len(live), 0.0, waits, failed=True)
-                self._fail(live, exc)
-                return
-            record = BatchRecord(samples, len(live), result.compute_seconds, waits, failed=False)
-            for pending, output in zip(live, result.outputs, strict=True):
-                if pending.future.done():
-                    continue
-                if isinstance(output, ServingError):
-                    pending.future.set_exception(output)  # made for this request alone
-                else:
-                    pending.future.set_result(output)
-        finally:
-            self._slots.release()
-            if record is not None and self._on_batch is not None:
-                self._on_batch(record)
-
-    def _fail(self, batch: list[Pending], exc: Exception) -> None:
+    def _fail(self, batch: list[Pending], exc: BaseException) -> None:
         if isinstance(exc, ServingError):
             logger.warning("model '%s': batch of %d requests failed: %s", self.name, len(batch), exc.message)
             make: Callable[[], Exception] = lambda: type(exc)(exc.message)  # noqa: E731

@@ -10,6 +10,8 @@ import signal
 import sys
 from pathlib import Path
 
+from lrnserve.client._allocator import keep_freed_memory
+
 from . import eventloop
 from .app import LrnServer
 from .settings import ConfigError, ServerSettings, load_settings
@@ -70,6 +72,8 @@ def serve(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if keep_freed_memory(settings.allocator_cache_bytes):
+        logger.info("C heap keeps up to %d MiB of freed buffers for reuse", settings.allocator_cache_bytes >> 20)
     try:
         code = eventloop.run(_serve(settings))
     except ConfigError as exc:

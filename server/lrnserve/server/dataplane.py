@@ -141,11 +141,10 @@ class DataPlane:
         )
         self.inflight_bytes += nbytes
         try:
-            output = await model.batcher.submit(work, deadline)
+            raw = await model.batcher.submit(work, deadline)
         finally:
             self.inflight_bytes -= nbytes
         out_shape = servable.output_shape(tensor.shape)
-        raw = output.reshape(-1).view(torch.uint8).numpy().tobytes()
         return InferenceResponse(
             model=model.name,
             version="1",

@@ -1,21 +1,27 @@
 """Runs one model's batches on its device, off the event loop.
 
 Each model has ``instances`` worker threads; each thread is one instance and,
-on CUDA, owns one stream. A batch is assembled by copying every request's
-bytes once into a (pinned, on CUDA) batch buffer, moved to the device with a
-non-blocking copy, computed, and copied back the same way. When memory runs out
-(device or host) the batch is split in halves and retried; a single sample that
-still does not fit fails with RESOURCE_EXHAUSTED, and only that request fails.
+on CUDA, owns one stream. The batcher hands a thread a batch with ``submit``
+and gets the result back on its event loop through one ``call_soon_threadsafe``
+(no per-batch futures or executor bookkeeping: on small requests the hand-off
+is a large part of a batch's cost). A batch of several requests is assembled
+by copying every request's bytes once into a (pinned, on CUDA) batch buffer; a
+batch of one request on the CPU computes straight from the received bytes. The
+output is cut into one ``bytes`` per request here, off the event loop. When
+memory runs out (device or host) the batch is split in halves and retried; a
+single sample that still does not fit fails with RESOURCE_EXHAUSTED, and only
+that request fails.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import threading
 import time
-from collections.abc import Hashable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+import warnings
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -34,7 +40,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("out of memory" in str(exc) or "can't allocate memory" in str(exc))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Work:
     """One validated request, as the batcher and executor see it."""
 
@@ -62,10 +68,14 @@ class Work:
         return first, second
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BatchResult:
-    outputs: list[torch.Tensor | ServingError]  # per work item, in order: its output or its own error
-    compute_seconds: float  # assembly, host-to-device, compute, device-to-host
+    outputs: list[bytes | ServingError]  # per work item, in order: its output's bytes or its own error
+    compute_seconds: float  # assembly, host-to-device, compute, device-to-host, output bytes
+
+
+Done = Callable[[BatchResult | BaseException], None]
+_Job = tuple[list[Work], asyncio.AbstractEventLoop, Done]
 
 
 class Executor:
@@ -73,34 +83,75 @@ class Executor:
         self.servable = servable
         self.device = device
         self.instances = instances
-        # Autograd is off for the life of each instance thread, not toggled per batch.
-        self._pool = ThreadPoolExecutor(
-            instances,
-            thread_name_prefix=f"lrnserve-{servable.name}",
-            initializer=torch.set_grad_enabled,
-            initargs=(False,),
-        )
         self._local = threading.local()
+        with warnings.catch_warnings():
+            # torch warns once per process that tensors over read-only request bytes are
+            # writable; say it here, silenced, rather than in the log of the first request.
+            warnings.simplefilter("ignore", UserWarning)
+            torch.frombuffer(b"\0\0\0\0", dtype=torch.float32)
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._serve, name=f"lrnserve-{servable.name}_{i}", daemon=True)
+            for i in range(instances)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, items: Sequence[Work], done: Done) -> None:
+        """Compute ``items`` as one batch on a free instance; ``done`` gets the result (or the
+        exception) on the calling thread's event loop."""
+        self._jobs.put((list(items), asyncio.get_running_loop(), done))
 
     async def run(self, items: Sequence[Work]) -> BatchResult:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self._run, list(items))
+        """``submit``, awaited."""
+        future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
+
+        def done(result: BatchResult | BaseException) -> None:
+            if future.done():
+                return
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+        self.submit(items, done)
+        return await future
 
     def close(self, wait: bool = True) -> None:
-        self._pool.shutdown(wait=wait, cancel_futures=not wait)
+        """Let the instance threads end once the batches already submitted are done."""
+        for _ in self._threads:
+            self._jobs.put(None)
+        if wait:
+            for thread in self._threads:
+                thread.join()
 
     # ---- worker thread side ----
+
+    def _serve(self) -> None:
+        torch.set_grad_enabled(False)  # for the life of the instance, not toggled per batch
+        while (job := self._jobs.get()) is not None:
+            items, loop, done = job
+            result: BatchResult | BaseException
+            try:
+                result = self._run(items)
+            except BaseException as exc:  # the batcher turns it into each request's error
+                result = exc
+            try:
+                loop.call_soon_threadsafe(done, result)
+            except RuntimeError:  # the loop closed while this batch ran: nobody waits for it
+                logger.debug("%s: batch finished after its event loop closed", self.servable.name)
 
     def _run(self, items: list[Work]) -> BatchResult:
         start = time.perf_counter()
         outputs = self._run_items(items)
         return BatchResult(outputs, time.perf_counter() - start)
 
-    def _run_items(self, items: list[Work]) -> list[torch.Tensor | ServingError]:
+    def _run_items(self, items: list[Work]) -> list[bytes | ServingError]:
         """Compute ``items`` as one batch; when memory runs out (device or host), in halves,
         down to single samples, so that only a request that cannot fit at all fails."""
         try:
-            return list(self._compute(items))
+            outputs: list[bytes | ServingError] = list(self._compute(items))
+            return outputs
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise
@@ -124,31 +175,36 @@ class Executor:
             if isinstance(part, ServingError):
                 return [part]
         try:
-            return [torch.cat(parts)]  # type: ignore[arg-type]
-        except Exception as exc:
-            if not is_out_of_memory(exc):
-                raise
+            return [b"".join(parts)]  # type: ignore[arg-type]
+        except MemoryError:
             return [ResourceExhausted(f"model '{self.servable.name}': out of memory joining the output")]
 
-    def _compute(self, items: list[Work]) -> list[torch.Tensor]:
+    def _compute(self, items: list[Work]) -> list[bytes]:
         first = items[0]
-        pin = self.device.type == "cuda"
-        total = sum(w.samples for w in items)
-        batch = torch.empty((total, *first.shape[1:]), dtype=first.dtype, pin_memory=pin)
-        flat = batch.view(-1).view(torch.uint8).numpy()
-        offset = 0
-        for work in items:
-            flat[offset : offset + work.payload.size] = work.payload
-            offset += work.payload.size
+        shape = (sum(w.samples for w in items), *first.shape[1:])
+        if len(items) == 1 and self.device.type == "cpu":
+            # The request's own bytes: models only read their input.
+            batch = torch.frombuffer(first.payload, dtype=first.dtype).view(shape)
+        else:
+            batch = torch.empty(shape, dtype=first.dtype, pin_memory=self.device.type == "cuda")
+            flat = batch.view(-1).view(torch.uint8).numpy()
+            offset = 0
+            for work in items:
+                end = offset + work.payload.size
+                flat[offset:end] = work.payload
+                offset = end
         scalars = {name: self._per_sample(items, name) for name in first.scalars}
         if self.device.type == "cuda":
             y = self._forward_cuda(first.model_group, batch, scalars)
         else:
             y = self.servable.run(first.model_group, batch, scalars)
+        out = y.reshape(-1).view(torch.uint8).numpy()
+        per_sample = out.size // shape[0]
         outputs, offset = [], 0
         for work in items:
-            outputs.append(y[offset : offset + work.samples])
-            offset += work.samples
+            end = offset + work.samples * per_sample
+            outputs.append(out[offset:end].tobytes())
+            offset = end
         return outputs
 
     @staticmethod

@@ -33,8 +33,10 @@ message names the offending key (``models.alexnet.max_batch_size``) or variable.
     beta = 0.75
     k = 1.0
     max_batch_size = 32         # samples per batch
-    max_queue_delay_us = 0      # how long the oldest request may wait for a fuller batch (0: no
-                                # waiting; batches still form from what queues while a batch runs)
+    max_queue_delay_us = 2000   # how long the oldest request may wait for a fuller batch; spent
+                                # only while more requests are expected (fewer are queued than were
+                                # lately in the batcher at once), so a lone caller never waits; 0:
+                                # never wait (batches still form from what queues while one runs)
     max_queue_size = 256        # queued requests before RESOURCE_EXHAUSTED
     max_request_samples = 1024  # samples (N) one request may carry
     instances = 1               # concurrent batches (worker threads / CUDA streams)
@@ -54,6 +56,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
+
+from lrnserve.client._allocator import DEFAULT_CACHE_BYTES
 
 from .ops import LRNParams
 
@@ -91,7 +95,7 @@ class Secret:
 @dataclass(frozen=True)
 class BatchingPolicy:
     max_batch_size: int = 32
-    max_queue_delay_us: int = 0
+    max_queue_delay_us: int = 2000
     max_queue_size: int = 256
     max_request_samples: int = 1024
 
@@ -121,6 +125,7 @@ class ServerSettings:
     max_tensor_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_tensor_elements: int = 64 * 1024 * 1024
     max_inflight_bytes: int = 2 * 1024 * 1024 * 1024
+    allocator_cache_bytes: int = DEFAULT_CACHE_BYTES  # freed memory the C heap may keep for reuse; 0: glibc's default
     metrics_enabled: bool = True
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -210,6 +215,7 @@ _SERVER_KEYS: dict[str, Callable[[str, object], Any]] = {
     "max_tensor_bytes": lambda k, v: _integer(k, v, 1, None),
     "max_tensor_elements": lambda k, v: _integer(k, v, 1, None),
     "max_inflight_bytes": lambda k, v: _integer(k, v, 1, None),
+    "allocator_cache_bytes": lambda k, v: _integer(k, v, 0, 2**62),
     "metrics_enabled": _boolean,
     "tls_cert": _file,
     "tls_key": _file,

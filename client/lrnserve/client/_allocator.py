@@ -1,0 +1,46 @@
+"""Keep large freed buffers in the C heap instead of returning them to the kernel.
+
+By default glibc serves every allocation above a (dynamic) threshold with a
+fresh ``mmap`` and gives it back with ``munmap`` when freed. A server that
+receives, batches and answers megabyte tensors allocates such buffers several
+times per request (gRPC message bytes, batch buffers, network activations), so
+each one is page-faulted and zeroed by the kernel again. On the 2-core CI
+machine that was the largest single cost of serving lrn [1,96,55,55] and
+AlexNet (bench/serve.py: about a third of the event loop thread's time).
+Raising the mmap and trim thresholds lets freed buffers be reused; the price
+is that the process keeps up to ``cache_bytes`` of freed memory. The load
+generator (``lrnserve bench``) uses it too: it receives the same megabyte
+answers and should spend as little of a shared machine as it can.
+
+It changes the whole process, so only entry points call it, never library code.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import platform
+
+logger = logging.getLogger(__name__)
+
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
+# glibc refuses mmap thresholds above HEAP_MAX_SIZE / 2 (32 MiB on 64-bit).
+MAX_MMAP_THRESHOLD = 32 * 1024 * 1024
+
+
+def keep_freed_memory(cache_bytes: int) -> bool:
+    """Let glibc's heap serve and keep buffers up to ``cache_bytes``; False where not glibc or 0."""
+    if cache_bytes <= 0:
+        return False
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        logger.debug("allocator tuning skipped: not glibc")
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    mmap_threshold = min(cache_bytes, MAX_MMAP_THRESHOLD)
+    ok = bool(libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and bool(libc.mallopt(M_TRIM_THRESHOLD, cache_bytes))
+    if not ok:
+        logger.warning("allocator tuning refused by glibc (allocator_cache_bytes=%d)", cache_bytes)
+    return ok

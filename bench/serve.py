@@ -1,18 +1,25 @@
 """Serving benchmark: lrnserve over gRPC with and without dynamic batching, against the ceiling.
 
-Starts ``lrnserve serve`` twice on loopback (batching with max_batch_size 32, then
-max_batch_size 1) and drives closed-loop load with lrnserve's own load
-generator (``lrnserve.client.loadgen``, the engine of ``lrnserve bench``) at
-each concurrency. The ceiling is the same model called in-process at the batch
-sizes the batcher actually formed (read from the ModelStatistics RPC). A last
-pass compares the batching server with Prometheus metrics on and off.
+Starts ``lrnserve serve`` on loopback with the default batching policy
+(max_batch_size 32, adaptive max_queue_delay_us) and again with
+max_batch_size 1, alternately ``--reps`` times, and drives closed-loop load with
+lrnserve's own load generator (``lrnserve.client.loadgen``, the engine of
+``lrnserve bench``) at each concurrency; the table shows medians over the
+repetitions (this machine is shared and noisy). The ceiling is the same model
+called in-process, in a child process set up like the server (same allocator
+setting), at the batch sizes the batcher actually formed (read from the
+ModelStatistics RPC). A last pass compares the batching server with
+Prometheus metrics on and off.
 
-    python bench/serve.py [--duration 5] [--concurrency 1,8,32] [--cases lrn96,lrn16,alexnet]
+    python bench/serve.py [--duration 5] [--reps 3] [--concurrency 1,8,32] [--cases lrn96,lrn16,alexnet]
+
+BENCH_DELAY_US=N overrides max_queue_delay_us of the batching server.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import signal
 import statistics
@@ -29,6 +36,7 @@ import grpc
 import numpy as np
 import torch
 
+from lrnserve.client._allocator import DEFAULT_CACHE_BYTES, keep_freed_memory
 from lrnserve.client.loadgen import LoadResult, run_load
 from lrnserve.client.pb import grpc_predict_v2_pb2 as pb
 from lrnserve.client.pb import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -57,12 +65,13 @@ CASES = {
 }
 
 
-DELAY_US = int(os.environ.get("BENCH_DELAY_US", "0"))
+DELAY_US = os.environ.get("BENCH_DELAY_US")
 
 
-def config_text(max_batch_size: int, delay: int = DELAY_US) -> str:
+def config_text(max_batch_size: int) -> str:
+    delay = f"max_queue_delay_us = {int(DELAY_US)}\n" if DELAY_US is not None else ""
     return "\n".join(
-        f"[models.{name}]\nmax_batch_size = {max_batch_size}\nmax_queue_delay_us = {delay}\nmax_queue_size = 1024\n"
+        f"[models.{name}]\nmax_batch_size = {max_batch_size}\n{delay}max_queue_size = 1024\n"
         for name in ("lrn", "alexnet")
     )
 
@@ -185,9 +194,51 @@ def ceiling(case: Case, batches: dict[int, int]) -> float:
     return samples / seconds if seconds else float("nan")
 
 
+@dataclass
+class Summary:
+    """One cell over the repetitions: medians, and the batches formed in all of them."""
+
+    throughputs: list[float]
+    p50s: list[float]
+    p99s: list[float]
+    batches: dict[int, int]
+
+    @classmethod
+    def of(cls, cells: list[Cell]) -> Summary:
+        batches: dict[int, int] = {}
+        for cell in cells:
+            for size, count in cell.batches.items():
+                batches[size] = batches.get(size, 0) + count
+        return cls(
+            [c.result.throughput for c in cells],
+            [c.result.latency(50) * 1e3 for c in cells],
+            [c.result.latency(99) * 1e3 for c in cells],
+            batches,
+        )
+
+    @property
+    def throughput(self) -> float:
+        return statistics.median(self.throughputs)
+
+    @property
+    def mean_batch(self) -> float:
+        return Cell(LoadResult(0, 0.0), self.batches).mean_batch
+
+    def latency_text(self) -> str:
+        return f"{statistics.median(self.p50s):8.2f}{statistics.median(self.p99s):8.2f}"
+
+
+def ceiling_in_child(case: Case, batches: dict[int, int]) -> float:
+    """``ceiling`` in a fresh process whose C heap is set up as ``lrnserve serve`` sets up its own."""
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1, initializer=keep_freed_memory, initargs=(DEFAULT_CACHE_BYTES,)) as pool:
+        return float(pool.apply(ceiling, (case, batches)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per cell (default 5)")
+    parser.add_argument("--reps", type=int, default=3, help="alternating batched/unbatched runs (default 3)")
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--cases", default=",".join(CASES), help=f"subset of {', '.join(CASES)}")
     parser.add_argument("--skip-metrics-overhead", action="store_true")
@@ -195,41 +246,46 @@ def main() -> None:
     args = parser.parse_args()
     cases = [CASES[key] for key in args.cases.split(",")]
     concurrencies = [int(c) for c in args.concurrency.split(",")]
+    keep_freed_memory(DEFAULT_CACHE_BYTES)  # the load generator, set up as `lrnserve bench` sets itself up
 
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs; server and client share this machine")
-    batched = measure_server(32, cases, concurrencies, args.duration)
-    unbatched = measure_server(1, cases, concurrencies, args.duration)
+    runs: dict[int, list[dict[tuple[str, int], Cell]]] = {32: [], 1: []}
+    for _ in range(args.reps):
+        for max_batch_size in (32, 1):
+            runs[max_batch_size].append(measure_server(max_batch_size, cases, concurrencies, args.duration))
+    batched = {key: Summary.of([run[key] for run in runs[32]]) for key in runs[32][0]}
+    unbatched = {key: Summary.of([run[key] for run in runs[1]]) for key in runs[1][0]}
     overhead: dict[str, tuple[float, float]] = {}
     if not args.skip_metrics_overhead:
-        # On this shared 2-core machine run-to-run noise is ~10%: alternate on/off, take medians.
         top = max(concurrencies)
-        runs: dict[bool, dict[str, list[float]]] = {True: {}, False: {}}
+        onoff: dict[bool, dict[str, list[float]]] = {True: {}, False: {}}
         for _ in range(args.overhead_reps):
             for metrics in (False, True):
                 cells = measure_server(32, cases, [top], args.duration, metrics=metrics)
                 for case in cases:
-                    runs[metrics].setdefault(case.label, []).append(cells[(case.key, top)].result.throughput)
+                    onoff[metrics].setdefault(case.label, []).append(cells[(case.key, top)].result.throughput)
         for case in cases:
-            on, off = runs[True][case.label], runs[False][case.label]
+            on, off = onoff[True][case.label], onoff[False][case.label]
             overhead[case.label] = (statistics.median(on), statistics.median(off))
 
-    print("\nthroughput in requests/s (one sample each); latency in ms; ceiling = in-process model at the")
+    print(f"\nthroughput in requests/s (one sample each), latency in ms: medians of {args.reps} alternating runs;")
+    print("wins = runs in which batching beat the unbatched run beside it; ceiling = in-process model at the")
     print("batch sizes the batcher formed")
     header = (
         f"{'case':26}{'conc':>5}{'batched/s':>11}{'p50':>8}{'p99':>8}{'unbatched/s':>13}{'p50':>8}{'p99':>8}"
-        f"{'batch/unb':>10}{'mean batch':>11}{'ceiling/s':>11}{'served/ceil':>12}"
+        f"{'batch/unb':>10}{'wins':>6}{'mean batch':>11}{'ceiling/s':>11}{'served/ceil':>12}"
     )
     print(header)
     print("-" * len(header))
     for case in cases:
         for concurrency in concurrencies:
             b, u = batched[(case.key, concurrency)], unbatched[(case.key, concurrency)]
-            top = ceiling(case, b.batches)
+            wins = sum(x > y for x, y in zip(b.throughputs, u.throughputs, strict=True))
+            top = ceiling_in_child(case, b.batches)
             print(
-                f"{case.label:26}{concurrency:>5}{b.result.throughput:11.1f}{b.result.latency(50) * 1e3:8.2f}"
-                f"{b.result.latency(99) * 1e3:8.2f}{u.result.throughput:13.1f}{u.result.latency(50) * 1e3:8.2f}"
-                f"{u.result.latency(99) * 1e3:8.2f}{b.result.throughput / u.result.throughput:9.2f}x"
-                f"{b.mean_batch:11.1f}{top:11.1f}{b.result.throughput / top:11.0%}"
+                f"{case.label:26}{concurrency:>5}{b.throughput:11.1f}{b.latency_text()}"
+                f"{u.throughput:13.1f}{u.latency_text()}{b.throughput / u.throughput:9.2f}x"
+                f"{f'{wins}/{args.reps}':>6}{b.mean_batch:11.1f}{top:11.1f}{b.throughput / top:11.0%}"
             )
     if overhead:
         print(

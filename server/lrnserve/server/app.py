@@ -20,7 +20,6 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from lrnserve.client.pb import grpc_predict_v2_pb2 as pb
-from lrnserve.client.pb import grpc_predict_v2_pb2_grpc as pb_grpc
 from lrnserve.client.pb import health_pb2, health_pb2_grpc
 
 from .dataplane import DataPlane, Limits
@@ -32,6 +31,7 @@ from .telemetry import Telemetry
 from .transport.auth import TokenAuth
 from .transport.health import HealthService
 from .transport.service import Guarded, InferenceService
+from .transport.wire import add_inference_service
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class LrnServer:
             interceptors.append(TokenAuth(self.settings.token.reveal(), self.telemetry.auth_rejected))
         server = grpc.aio.server(interceptors=interceptors, options=grpc_options(self.settings))
         guarded = Guarded(InferenceService(self.dataplane), self.telemetry)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(guarded, server)  # type: ignore[arg-type]
+        add_inference_service(server, guarded)
         health_pb2_grpc.add_HealthServicer_to_server(Guarded(self.health), server)  # type: ignore[arg-type]
         reflection.enable_server_reflection((INFERENCE_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
         bind = f"{self.settings.host}:{self.settings.grpc_port}"

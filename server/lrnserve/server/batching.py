@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .errors import DeadlineExceeded, ResourceExhausted, ServingError, Unavailable
-from .executor import BatchResult, Executor, Work
+from .executor import BatchResult, Executor, Output, Work
 from .settings import BatchingPolicy
 
 logger = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ class InternalError(Exception):
 @dataclass(eq=False, slots=True)  # identity: a queue entry is itself, whatever it holds
 class Pending:
     work: Work
-    future: asyncio.Future[bytes]
+    future: asyncio.Future[Output]
     enqueued: float  # time.monotonic()
     deadline: float | None  # time.monotonic() by which compute must start
     dequeued: float = field(default=0.0)
@@ -130,8 +130,8 @@ class Batcher:
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
 
-    async def submit(self, work: Work, deadline: float | None) -> bytes:
-        """Queue ``work`` and wait for its output (the bytes of its samples' results).
+    async def submit(self, work: Work, deadline: float | None) -> Output:
+        """Queue ``work`` and wait for its output (its samples' results, as bytes or a view).
 
         A request leaves the queue at once when its caller goes away or its deadline passes,
         so neither its memory nor its place in the queue outlives it.
@@ -145,7 +145,7 @@ class Batcher:
                     f"model '{self.name}': queue full ({self.policy.max_queue_size} requests waiting); retry later"
                 )
         loop = self._loop
-        future: asyncio.Future[bytes] = loop.create_future()
+        future: asyncio.Future[Output] = loop.create_future()
         pending = Pending(work, future, time.monotonic(), deadline)
         self._queue.append(pending)
         self._concurrency.observe(len(self._queue) + self._computing, pending.enqueued)

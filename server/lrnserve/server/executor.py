@@ -6,8 +6,9 @@ and gets the result back on its event loop through one ``call_soon_threadsafe``
 (no per-batch futures or executor bookkeeping: on small requests the hand-off
 is a large part of a batch's cost). A batch of several requests is assembled
 by copying every request's bytes once into a (pinned, on CUDA) batch buffer; a
-batch of one request on the CPU computes straight from the received bytes. The
-output is cut into one ``bytes`` per request here, off the event loop. When
+batch of one request on the CPU computes straight from the received bytes. Each
+request's output is a view of the batch's output; it is copied once, into the
+response message. When
 memory runs out (device or host) the batch is split in halves and retried; a
 single sample that still does not fit fails with RESOURCE_EXHAUSTED, and only
 that request fails.
@@ -68,10 +69,13 @@ class Work:
         return first, second
 
 
+Output = bytes | memoryview  # a request's output tensor, C order, little-endian
+
+
 @dataclass(frozen=True, slots=True)
 class BatchResult:
-    outputs: list[bytes | ServingError]  # per work item, in order: its output's bytes or its own error
-    compute_seconds: float  # assembly, host-to-device, compute, device-to-host, output bytes
+    outputs: list[Output | ServingError]  # per work item, in order: its output's bytes or its own error
+    compute_seconds: float  # assembly, host-to-device, compute, device-to-host
 
 
 Done = Callable[[BatchResult | BaseException], None]
@@ -146,11 +150,11 @@ class Executor:
         outputs = self._run_items(items)
         return BatchResult(outputs, time.perf_counter() - start)
 
-    def _run_items(self, items: list[Work]) -> list[bytes | ServingError]:
+    def _run_items(self, items: list[Work]) -> list[Output | ServingError]:
         """Compute ``items`` as one batch; when memory runs out (device or host), in halves,
         down to single samples, so that only a request that cannot fit at all fails."""
         try:
-            outputs: list[bytes | ServingError] = list(self._compute(items))
+            outputs: list[Output | ServingError] = list(self._compute(items))
             return outputs
         except Exception as exc:
             if not is_out_of_memory(exc):
@@ -179,7 +183,7 @@ class Executor:
         except MemoryError:
             return [ResourceExhausted(f"model '{self.servable.name}': out of memory joining the output")]
 
-    def _compute(self, items: list[Work]) -> list[bytes]:
+    def _compute(self, items: list[Work]) -> list[Output]:
         first = items[0]
         shape = (sum(w.samples for w in items), *first.shape[1:])
         if len(items) == 1 and self.device.type == "cpu":
@@ -198,12 +202,13 @@ class Executor:
             y = self._forward_cuda(first.model_group, batch, scalars)
         else:
             y = self.servable.run(first.model_group, batch, scalars)
-        out = y.reshape(-1).view(torch.uint8).numpy()
-        per_sample = out.size // shape[0]
-        outputs, offset = [], 0
+        out = memoryview(y.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+        per_sample = out.nbytes // shape[0]
+        outputs: list[Output] = []
+        offset = 0
         for work in items:
             end = offset + work.samples * per_sample
-            outputs.append(out[offset:end].tobytes())
+            outputs.append(out[offset:end])
             offset = end
         return outputs
 

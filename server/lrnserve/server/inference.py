@@ -24,7 +24,7 @@ class InputTensor:
     name: str
     datatype: str
     shape: tuple[int, ...]
-    raw: bytes | None = None  # raw_input_contents entry, if any
+    raw: bytes | memoryview | None = None  # raw_input_contents entry (a view of the message), if any
     contents: np.ndarray | None = None  # typed contents, already as an array
     contents_field: str | None = None  # which typed field carried them
 
@@ -48,7 +48,7 @@ class OutputTensor:
     name: str
     datatype: str
     shape: tuple[int, ...]
-    raw: bytes
+    raw: bytes | memoryview
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 It checks only what it needs to convert (a parameter without a value, typed
 contents in several fields); everything else is the dataplane's to judge.
+ModelInfer's tensor bytes travel as views and one copy each way (``wire``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ..inference import (
     ServerMetadata,
 )
 from ..statistics import Duration, ModelStatistics
+from .wire import InferRequestWire, encode_infer_response
 
 # Typed contents fields and the numpy dtype their values arrive as.
 CONTENTS_FIELDS = {
@@ -61,8 +63,9 @@ def _contents(index: int, tensor: pb.ModelInferRequest.InferInputTensor) -> tupl
     return np.array(getattr(tensor.contents, field), dtype=CONTENTS_FIELDS[field]), field
 
 
-def request_from_proto(message: pb.ModelInferRequest, time_remaining: float | None) -> InferenceRequest:
-    raw = message.raw_input_contents
+def request_from_wire(wire: InferRequestWire, time_remaining: float | None) -> InferenceRequest:
+    message = wire.message
+    raw = wire.raw_input_contents
     inputs = []
     for i, tensor in enumerate(message.inputs):
         contents, field = _contents(i, tensor)
@@ -88,12 +91,11 @@ def request_from_proto(message: pb.ModelInferRequest, time_remaining: float | No
     )
 
 
-def response_to_proto(response: InferenceResponse) -> pb.ModelInferResponse:
+def response_to_wire(response: InferenceResponse) -> bytes:
     message = pb.ModelInferResponse(model_name=response.model, model_version=response.version, id=response.id)
     for output in response.outputs:
         message.outputs.add(name=output.name, datatype=output.datatype, shape=output.shape)
-        message.raw_output_contents.append(output.raw)
-    return message
+    return encode_infer_response(message, [output.raw for output in response.outputs])
 
 
 def model_metadata_to_proto(metadata: ModelMetadata) -> pb.ModelMetadataResponse:

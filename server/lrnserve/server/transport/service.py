@@ -27,6 +27,7 @@ from ..dataplane import DataPlane
 from ..errors import ServingError
 from ..telemetry import Telemetry
 from . import codec
+from .wire import InferRequestWire
 
 logger = logging.getLogger(__name__)
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
@@ -51,9 +52,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> pb.ModelMetadataResponse:
         return codec.model_metadata_to_proto(self.dataplane.model_metadata(request.name, request.version))
 
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
-        inference = codec.request_from_proto(request, context.time_remaining())
-        return codec.response_to_proto(await self.dataplane.infer(inference))
+    async def ModelInfer(self, request: InferRequestWire, context: Context) -> bytes:  # type: ignore[override]
+        """Registered by ``wire.add_inference_service``: a partly parsed request in, the
+        serialized response out."""
+        inference = codec.request_from_wire(request, context.time_remaining())
+        return codec.response_to_wire(await self.dataplane.infer(inference))
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context) -> pb.ModelStatisticsResponse:
         return codec.statistics_to_proto(self.dataplane.statistics(request.name, request.version))
@@ -111,7 +114,7 @@ class Guarded:
 
 
 def _account(telemetry: Telemetry, inner: Unary) -> Unary:
-    async def call(request: pb.ModelInferRequest, context: Context) -> Any:
+    async def call(request: InferRequestWire, context: Context) -> Any:
         telemetry.request_started()
         start = time.perf_counter()
         code = grpc.StatusCode.OK
@@ -121,7 +124,7 @@ def _account(telemetry: Telemetry, inner: Unary) -> Unary:
             code = status_of(exc, context)
             raise
         finally:
-            telemetry.request_finished(request.model_name, code, time.perf_counter() - start)
+            telemetry.request_finished(request.message.model_name, code, time.perf_counter() - start)
 
     return call
 

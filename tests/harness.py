@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Coroutine, Iterator, Mapping
+from collections.abc import Coroutine, Hashable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import replace
@@ -203,24 +203,40 @@ def metric_value(text: str, name: str, **labels: str) -> float | None:
 
 
 class GatedLRN(LRNServable):
-    """The LRN model, but each batch waits for ``gate`` and is recorded."""
+    """The LRN model, but each batch waits for ``gate`` and is recorded (FP32 requests)."""
 
     def __init__(self, inner: LRNServable) -> None:
         super().__init__(inner.config)
+        self.__dict__.update({k: v for k, v in vars(inner).items() if k in ("device", "_kernel", "_threads")})
         self.gate = threading.Event()
         self.gate.set()
         self.started = threading.Event()
         self.batches: list[list[float]] = []  # per batch: the fill value of each sample
         self.fail_modes: set[str] = set()
 
-    def run(self, group: object, x: torch.Tensor, scalars: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def _enter(self, group: object, first_values: list[float]) -> None:
         self.started.set()
         assert self.gate.wait(timeout=30), "test gate never opened"
-        self.batches.append([float(sample.reshape(-1)[0]) for sample in x])
+        self.batches.append(first_values)
         mode, _ = group  # type: ignore[misc]
         if mode in self.fail_modes:
             raise RuntimeError(f"model failure in mode {mode}")
+
+    def run(self, group: object, x: torch.Tensor, scalars: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        self._enter(group, [float(sample.reshape(-1)[0]) for sample in x])
         return super().run(group, x, scalars)
+
+    def run_raw(
+        self,
+        group: Hashable,
+        parts: Sequence[np.ndarray],
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        scalars: Mapping[str, np.ndarray],
+    ) -> np.ndarray | None:
+        samples = np.concatenate(parts).view(np.float32).reshape(shape[0], -1)
+        self._enter(group, [float(sample[0]) for sample in samples])
+        return super().run_raw(group, parts, shape, dtype, scalars)
 
 
 def gate_model(running: ServerThread, name: str = "lrn") -> GatedLRN:

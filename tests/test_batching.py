@@ -17,7 +17,7 @@ import pytest
 import torch
 from harness import GatedLRN, ServerThread, infer_request, lrn_model, output_array, settings, stub
 
-from lrnserve.server.batching import BatchRecord
+from lrnserve.server.batching import BatchRecord, _WindowMax
 from lrnserve.server.ops import local_response_norm
 
 CODE = grpc.StatusCode
@@ -240,3 +240,38 @@ def test_full_queue_is_resource_exhausted(make_harness: object) -> None:
     h.model.gate.set()
     for f in [blocker, *queued]:
         f.result(timeout=30)
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 5, 5), (2, 96, 24, 24)], ids=["gathered", "each-in-place"])
+def test_each_request_of_a_batch_gets_its_own_parameters_and_samples(make_harness: object, shape: tuple) -> None:
+    """Small requests are gathered into one kernel call; large ones (here 3 x 442 KB) are each
+    normalized in place from their own bytes. Either way every request gets exactly its answer."""
+    h = make_harness(max_batch_size=8, max_queue_delay_us=0)  # type: ignore[operator]
+    blocker = h.occupy()
+    rng = np.random.default_rng(5)
+    cases = [
+        (rng.standard_normal(shape).astype(np.float32), {"alpha": 1e-4 * (i + 1), "beta": 0.5 + i / 4, "k": 1.0 + i})
+        for i in range(3)
+    ]
+    futures = [
+        h.pool.submit(stub(h.channel).ModelInfer, infer_request("lrn", x, params), timeout=30) for x, params in cases
+    ]
+    h.wait_queued(3)
+    h.model.gate.set()
+    blocker.result(timeout=30)  # type: ignore[attr-defined]
+    for (x, params), future in zip(cases, futures, strict=True):
+        expected = local_response_norm(torch.from_numpy(x), 5, **params).numpy()
+        np.testing.assert_array_equal(output_array(future.result(timeout=30)), expected)
+    assert [r.samples for r in h.records] == [1, 3 * shape[0]]
+
+
+def test_recent_concurrency_is_the_peak_of_the_current_or_previous_window() -> None:
+    peak = _WindowMax(1.0)
+    peak.observe(3, now=0.0)
+    peak.observe(7, now=0.5)
+    peak.observe(2, now=0.9)
+    assert peak.value(0.95) == 7
+    peak.observe(1, now=1.2)  # a new window; the previous one's peak still counts
+    assert peak.value(1.5) == 7
+    assert peak.value(2.3) == 1  # two windows on: only the last one's peak
+    assert peak.value(4.0) == 0  # nothing observed for a whole window: no company expected

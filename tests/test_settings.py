@@ -93,6 +93,7 @@ def test_config_path_from_the_environment(tmp_path: Path) -> None:
         ("[server]\ndevice = 'tpu'\n", "server.device: expected auto, cpu, cuda or cuda:N"),
         ("[server]\nlog_level = 'loud'\n", "server.log_level: expected one of"),
         ("[server]\ngrace_seconds = -1\n", "server.grace_seconds: expected a number >= 0"),
+        ("[server]\nallocator_cache_bytes = -1\n", "server.allocator_cache_bytes: expected an integer >= 0"),
         ("[serve]\n", "serve: unknown key"),
         ("[models]\n", "models: the table names no models"),
         ("[models.lrn]\nmax_batch_size = 0\n", "models.lrn.max_batch_size: expected an integer >= 1"),
@@ -162,8 +163,9 @@ def test_limits(tmp_path: Path) -> None:
         "[server]\nplaintext = true\nmax_tensor_elements = 1000\nmax_inflight_bytes = 4096\n"
         "[models.lrn]\nmax_request_samples = 4\n",
     )
-    settings = load_settings(path)
+    settings = load_settings(path, env={"LRNSERVE_ALLOCATOR_CACHE_BYTES": "0"})
     assert (settings.max_tensor_elements, settings.max_inflight_bytes) == (1000, 4096)
+    assert settings.allocator_cache_bytes == 0 and ServerSettings().allocator_cache_bytes == 256 * 2**20
     assert settings.models[0].batching.max_request_samples == 4
     with pytest.raises(ConfigError, match=r"models\.lrn\.max_request_samples: expected an integer >= 1"):
         load_settings(write(tmp_path, "[models.lrn]\nmax_request_samples = 0\n"))

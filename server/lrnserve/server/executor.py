@@ -186,23 +186,35 @@ class Executor:
     def _compute(self, items: list[Work]) -> list[Output]:
         first = items[0]
         shape = (sum(w.samples for w in items), *first.shape[1:])
-        if len(items) == 1 and self.device.type == "cpu":
-            # The request's own bytes: models only read their input.
-            batch = torch.frombuffer(first.payload, dtype=first.dtype).view(shape)
-        else:
-            batch = torch.empty(shape, dtype=first.dtype, pin_memory=self.device.type == "cuda")
-            flat = batch.view(-1).view(torch.uint8).numpy()
-            offset = 0
-            for work in items:
-                end = offset + work.payload.size
-                flat[offset:end] = work.payload
-                offset = end
         scalars = {name: self._per_sample(items, name) for name in first.scalars}
         if self.device.type == "cuda":
-            y = self._forward_cuda(first.model_group, batch, scalars)
-        else:
-            y = self.servable.run(first.model_group, batch, scalars)
-        out = memoryview(y.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+            batch = torch.empty(shape, dtype=first.dtype, pin_memory=True)
+            self._gather(items, batch.view(-1).view(torch.uint8).numpy())
+            y = self._forward_cuda(first.model_group, batch, self._tensors(scalars))
+            return self._split(items, shape, y)
+        parts = [w.payload for w in items]
+        out = self.servable.run_raw(first.model_group, parts, shape, first.dtype, scalars)
+        if out is not None:
+            return self._cut(items, shape, memoryview(out))  # type: ignore[arg-type]
+        # One request: its own bytes (models only read their input); several: one copy each.
+        raw = first.payload if len(items) == 1 else np.concatenate(parts)
+        x = torch.frombuffer(raw, dtype=first.dtype).view(shape)
+        return self._split(items, shape, self.servable.run(first.model_group, x, self._tensors(scalars)))
+
+    @staticmethod
+    def _gather(items: list[Work], flat: np.ndarray) -> None:
+        offset = 0
+        for work in items:
+            end = offset + work.payload.size
+            flat[offset:end] = work.payload
+            offset = end
+
+    def _split(self, items: list[Work], shape: tuple[int, ...], y: torch.Tensor) -> list[Output]:
+        return self._cut(items, shape, memoryview(y.reshape(-1).view(torch.uint8).numpy()))  # type: ignore[arg-type]
+
+    @staticmethod
+    def _cut(items: list[Work], shape: tuple[int, ...], out: memoryview) -> list[Output]:
+        """Each request's part of the batch's output, as a view."""
         per_sample = out.nbytes // shape[0]
         outputs: list[Output] = []
         offset = 0
@@ -213,12 +225,16 @@ class Executor:
         return outputs
 
     @staticmethod
-    def _per_sample(items: list[Work], name: str) -> torch.Tensor:
+    def _per_sample(items: list[Work], name: str) -> np.ndarray:
         """One float64 value per sample of the batch: each request's value, repeated."""
-        if len(items) == 1:
-            return torch.full((items[0].samples,), items[0].scalars[name], dtype=torch.float64)
-        values = [w.scalars[name] for w in items for _ in range(w.samples)]
-        return torch.tensor(values, dtype=torch.float64)
+        values = np.array([w.scalars[name] for w in items], dtype=np.float64)
+        if all(w.samples == 1 for w in items):
+            return values
+        return np.repeat(values, [w.samples for w in items])
+
+    @staticmethod
+    def _tensors(scalars: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        return {name: torch.from_numpy(values) for name, values in scalars.items()}
 
     def _stream(self) -> torch.cuda.Stream:
         stream = getattr(self._local, "stream", None)

@@ -12,10 +12,11 @@ from __future__ import annotations
 import logging
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
+import numpy as np
 import torch
 
 from lrnserve.client.datatypes import from_torch_name
@@ -23,7 +24,7 @@ from lrnserve.client.datatypes import from_torch_name
 from .errors import InvalidArgument
 from .inference import ModelMetadata, ParameterValue, TensorMetadata
 from .models import create_network
-from .ops import MODES, Mode, local_response_norm, local_response_norm_checked, prepare
+from .ops import MODES, Mode, local_response_norm, local_response_norm_checked, native, prepare
 from .ops.params import MAX_FLOAT32
 from .settings import ModelConfig
 
@@ -72,6 +73,21 @@ class Servable(ABC):
     def run(self, group: Hashable, x: torch.Tensor, scalars: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """One batch of ``group`` on the model's device; scalars: one float64 CPU value per sample."""
 
+    def run_raw(
+        self,
+        group: Hashable,
+        parts: Sequence[np.ndarray],
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        scalars: Mapping[str, np.ndarray],
+    ) -> np.ndarray | None:
+        """``run`` without torch: ``parts`` are the batch's requests' bytes (uint8, C order) in
+        order, ``shape`` the whole batch's; returns the output's bytes, or None where the servable
+        cannot (then ``run`` gets the parts joined as a tensor). Each torch call releases the GIL
+        and must take it back from a busy event loop thread, which costs far more than a small
+        batch's compute."""
+        return None
+
     @abstractmethod
     def metadata(self) -> ModelMetadata: ...
 
@@ -104,10 +120,15 @@ class LRNServable(Servable):
     # Window additions one request may cost (about 2 s of a 2-core CPU); windows are clipped to
     # the tensor first, so only windows that really overlap the data count.
     max_window_terms = 2**33
+    _kernel: native.NativeKernel | None = None  # set by load() on the CPU when the fused kernel builds
+    gather_bytes = 256 * 1024  # batches up to this size are gathered into one kernel call
+    _threads = 1
 
     def load(self, device: torch.device) -> str:
         self.device = device
         implementation = prepare(device)
+        self._kernel = native.kernel() if device.type == "cpu" else None
+        self._threads = torch.get_num_threads()
         p = self.config.lrn
         warm = torch.randn(2, 8, 4, 4, device=device)
         local_response_norm(warm, p.size, p.alpha, p.beta, p.k, p.mode)
@@ -154,6 +175,44 @@ class LRNServable(Servable):
     def run(self, group: Hashable, x: torch.Tensor, scalars: Mapping[str, torch.Tensor]) -> torch.Tensor:
         mode, size = cast(tuple[Mode, int], group)
         return local_response_norm_checked(x, size, scalars["alpha"], scalars["beta"], scalars["k"], mode)
+
+    def run_raw(
+        self,
+        group: Hashable,
+        parts: Sequence[np.ndarray],
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        scalars: Mapping[str, np.ndarray],
+    ) -> np.ndarray | None:
+        """Samples are independent, so a batch of large requests needs no gathering copy: each
+        request is normalized straight from its own bytes into its place in the output. Small
+        requests are gathered first: one kernel call costs less than several."""
+        kernel = self._kernel
+        if kernel is None:
+            return None
+        mode, size = cast(tuple[Mode, int], group)
+        out = np.empty(sum(part.nbytes for part in parts), np.uint8)
+        alpha, beta, k = scalars["alpha"], scalars["beta"], scalars["k"]
+        if len(parts) > 1 and out.nbytes <= self.gather_bytes:
+            parts = [np.concatenate(parts)]
+        sample_bytes = out.nbytes // shape[0]
+        first_sample = offset = 0
+        for part in parts:
+            samples = part.nbytes // sample_bytes
+            scalar_offset = first_sample * alpha.itemsize
+            kernel.forward_raw(
+                dtype,
+                mode,
+                part.ctypes.data,
+                out.ctypes.data + offset,
+                (samples, *shape[1:]),
+                size,
+                (alpha.ctypes.data + scalar_offset, beta.ctypes.data + scalar_offset, k.ctypes.data + scalar_offset),
+                self._threads,
+            )
+            first_sample += samples
+            offset += part.nbytes
+        return out
 
     def metadata(self) -> ModelMetadata:
         variable = (-1, -1, -1, -1)

@@ -3,7 +3,9 @@
 The kernel is a plain C ABI library compiled with the system C++ compiler the
 first time it is needed and cached on disk, keyed by its source, flags and the
 CPU's instruction-set level, so later processes load it in milliseconds. It is
-called through ctypes, which releases the GIL for the duration of the call.
+called through ctypes, which releases the GIL for the duration of the call,
+except for small tensors: there taking the GIL back (while the event loop
+thread holds it) costs far more than the computation, so those calls keep it.
 When no compiler is available the caller falls back to the composed torch
 implementation; that decision is logged once, here.
 """
@@ -21,6 +23,7 @@ import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -31,6 +34,23 @@ SOURCE = Path(__file__).with_name("csrc") / "lrn.cpp"
 _BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno")
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 _MODE_CODES = {"across": 0, "within": 1}
+# Calls on at most this many elements keep the GIL (tens of microseconds at most).
+HOLD_GIL_ELEMENTS = 1 << 16
+_ARGTYPES: list[Any] = [
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_void_p,
+    ctypes.c_void_p,
+    ctypes.c_int64,
+    ctypes.c_int64,
+    ctypes.c_int64,
+    ctypes.c_int64,
+    ctypes.c_int,
+    ctypes.c_void_p,
+    ctypes.c_void_p,
+    ctypes.c_void_p,
+    ctypes.c_int,
+]
 
 # x86-64 micro-architecture levels (as gcc names them) and the CPU flags each needs.
 _X86_LEVELS = (
@@ -45,24 +65,13 @@ class NativeKernel:
 
     def __init__(self, library: ctypes.CDLL, path: Path) -> None:
         self.path = path
-        fn = library.lrnserve_lrn_forward
-        fn.restype = ctypes.c_int
-        fn.argtypes = [
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_int64,
-            ctypes.c_int64,
-            ctypes.c_int64,
-            ctypes.c_int64,
-            ctypes.c_int,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_int,
-        ]
-        self._forward = fn
+        releasing = library.lrnserve_lrn_forward
+        holding = ctypes.PyDLL(str(path)).lrnserve_lrn_forward  # the same code, called with the GIL held
+        for fn in (releasing, holding):
+            fn.restype = ctypes.c_int
+            fn.argtypes = _ARGTYPES
+        self._releasing = releasing
+        self._holding = holding
 
     def forward(
         self,
@@ -75,22 +84,34 @@ class NativeKernel:
         k: torch.Tensor,
     ) -> None:
         """x, out: contiguous NCHW on the CPU; alpha/beta/k: contiguous float64, one per sample."""
-        n, c, h, w = x.shape
-        rc = self._forward(
-            _DTYPE_CODES[x.dtype],
-            _MODE_CODES[mode],
+        self.forward_raw(
+            x.dtype,
+            mode,
             x.data_ptr(),
             out.data_ptr(),
-            n,
-            c,
-            h,
-            w,
+            tuple(x.shape),
             size,
-            alpha.data_ptr(),
-            beta.data_ptr(),
-            k.data_ptr(),
+            (alpha.data_ptr(), beta.data_ptr(), k.data_ptr()),
             torch.get_num_threads(),
         )
+
+    def forward_raw(
+        self,
+        dtype: torch.dtype,
+        mode: str,
+        x: int,
+        out: int,
+        shape: tuple[int, ...],
+        size: int,
+        alpha_beta_k: tuple[int, int, int],
+        threads: int,
+    ) -> None:
+        """``forward`` on addresses: x and out contiguous NCHW of ``dtype``; alpha, beta and k
+        contiguous float64, one per sample. The caller keeps the memory alive."""
+        n, c, h, w = shape
+        fn = self._holding if n * c * h * w <= HOLD_GIL_ELEMENTS else self._releasing
+        alpha, beta, k = alpha_beta_k
+        rc = fn(_DTYPE_CODES[dtype], _MODE_CODES[mode], x, out, n, c, h, w, size, alpha, beta, k, threads)
         if rc != 0:
             raise RuntimeError(f"native LRN kernel rejected its arguments (code {rc})")
 

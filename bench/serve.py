@@ -1,11 +1,12 @@
 """Serving benchmark: lrnserve over gRPC with and without dynamic batching, against the ceiling.
 
 Starts ``lrnserve serve`` on loopback with the default batching policy
-(max_batch_size 32, adaptive max_queue_delay_us) and again with
-max_batch_size 1, alternately ``--reps`` times, and drives closed-loop load with
-lrnserve's own load generator (``lrnserve.client.loadgen``, the engine of
-``lrnserve bench``) at each concurrency; the table shows medians over the
-repetitions (this machine is shared and noisy). The ceiling is the same model
+(max_batch_size 32, adaptive max_queue_delay_us) and, beside it, with
+max_batch_size 1, and drives closed-loop load with lrnserve's own load
+generator (``lrnserve.client.loadgen``, the engine of ``lrnserve bench``) at
+each concurrency, on both servers back to back, ``--reps`` times in alternating
+order; the table shows medians over the repetitions (this machine is shared
+and noisy). The ceiling is the same model
 called in-process, in a child process set up like the server (same allocator
 setting), at the batch sizes the batcher actually formed (read from the
 ModelStatistics RPC). A last pass compares the batching server with
@@ -28,7 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,28 +142,49 @@ class Cell:
         return sum(size * count for size, count in self.batches.items()) / n if n else 0.0
 
 
-def measure_server(
-    max_batch_size: int, cases: list[Case], concurrencies: list[int], duration: float, metrics: bool = True
-) -> dict[tuple[str, int], Cell]:
-    cells = {}
-    with server(max_batch_size, metrics) as target:
-        for case in cases:
-            request = request_for(case)
-            for concurrency in concurrencies:
-                before = batch_counts(target, case.model)
-                result = run_load(target, request, concurrency, duration, warmup=1.0)
-                after = batch_counts(target, case.model)
-                formed = {
-                    size: after[size] - before.get(size, 0) for size in after if after[size] > before.get(size, 0)
-                }
-                cells[(case.key, concurrency)] = Cell(result, formed)
-                print(
-                    f"  max_batch_size={max_batch_size:<3} metrics={'on' if metrics else 'off':3} {case.label:24} "
-                    f"c={concurrency:<3} {result.throughput:9.1f}/s  p50 {result.latency(50) * 1e3:7.2f} ms  "
-                    f"mean batch {cells[(case.key, concurrency)].mean_batch:5.1f}  errors {dict(result.errors)}",
-                    flush=True,
-                )
-    return cells
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    max_batch_size: int
+    metrics: bool = True
+
+
+BATCHED = Variant("batched", 32)
+UNBATCHED = Variant("unbatched", 1)
+METRICS_OFF = Variant("batched, metrics off", 32, metrics=False)
+
+Runs = dict[Variant, dict[tuple[str, int], list["Cell"]]]
+
+
+def measure_cell(target: str, variant: Variant, case: Case, concurrency: int, duration: float) -> Cell:
+    before = batch_counts(target, case.model)
+    result = run_load(target, request_for(case), concurrency, duration, warmup=1.0)
+    after = batch_counts(target, case.model)
+    formed = {size: after[size] - before.get(size, 0) for size in after if after[size] > before.get(size, 0)}
+    cell = Cell(result, formed)
+    print(
+        f"  {variant.label:21} {case.label:24} c={concurrency:<3} {result.throughput:9.1f}/s  "
+        f"p50 {result.latency(50) * 1e3:7.2f} ms  mean batch {cell.mean_batch:5.1f}  errors {dict(result.errors)}",
+        flush=True,
+    )
+    return cell
+
+
+def measure(variants: list[Variant], cases: list[Case], concurrencies: list[int], duration: float, reps: int) -> Runs:
+    """Every variant's server runs at once (idle but for the one under load); each cell is measured
+    on every variant back to back, in alternating order, so slow drifts of this shared machine
+    fall on all variants alike."""
+    runs: Runs = {variant: {} for variant in variants}
+    for rep in range(reps):
+        with ExitStack() as stack:
+            targets = {v: stack.enter_context(server(v.max_batch_size, v.metrics)) for v in variants}
+            for case in cases:
+                for concurrency in concurrencies:
+                    order = variants if rep % 2 == 0 else variants[::-1]
+                    for variant in order:
+                        cell = measure_cell(targets[variant], variant, case, concurrency, duration)
+                        runs[variant].setdefault((case.key, concurrency), []).append(cell)
+    return runs
 
 
 def in_process_seconds(case: Case, batch: int, reps: int = 15) -> float:
@@ -249,27 +271,20 @@ def main() -> None:
     keep_freed_memory(DEFAULT_CACHE_BYTES)  # the load generator, set up as `lrnserve bench` sets itself up
 
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs; server and client share this machine")
-    runs: dict[int, list[dict[tuple[str, int], Cell]]] = {32: [], 1: []}
-    for _ in range(args.reps):
-        for max_batch_size in (32, 1):
-            runs[max_batch_size].append(measure_server(max_batch_size, cases, concurrencies, args.duration))
-    batched = {key: Summary.of([run[key] for run in runs[32]]) for key in runs[32][0]}
-    unbatched = {key: Summary.of([run[key] for run in runs[1]]) for key in runs[1][0]}
+    runs = measure([BATCHED, UNBATCHED], cases, concurrencies, args.duration, args.reps)
+    batched = {key: Summary.of(cells) for key, cells in runs[BATCHED].items()}
+    unbatched = {key: Summary.of(cells) for key, cells in runs[UNBATCHED].items()}
     overhead: dict[str, tuple[float, float]] = {}
     if not args.skip_metrics_overhead:
         top = max(concurrencies)
-        onoff: dict[bool, dict[str, list[float]]] = {True: {}, False: {}}
-        for _ in range(args.overhead_reps):
-            for metrics in (False, True):
-                cells = measure_server(32, cases, [top], args.duration, metrics=metrics)
-                for case in cases:
-                    onoff[metrics].setdefault(case.label, []).append(cells[(case.key, top)].result.throughput)
+        onoff = measure([BATCHED, METRICS_OFF], cases, [top], args.duration, args.overhead_reps)
         for case in cases:
-            on, off = onoff[True][case.label], onoff[False][case.label]
-            overhead[case.label] = (statistics.median(on), statistics.median(off))
+            on = Summary.of(onoff[BATCHED][(case.key, top)]).throughput
+            off = Summary.of(onoff[METRICS_OFF][(case.key, top)]).throughput
+            overhead[case.label] = (on, off)
 
     print(f"\nthroughput in requests/s (one sample each), latency in ms: medians of {args.reps} alternating runs;")
-    print("wins = runs in which batching beat the unbatched run beside it; ceiling = in-process model at the")
+    print("wins = repetitions in which batching beat the unbatched run beside it; ceiling = in-process model at the")
     print("batch sizes the batcher formed")
     header = (
         f"{'case':26}{'conc':>5}{'batched/s':>11}{'p50':>8}{'p99':>8}{'unbatched/s':>13}{'p50':>8}{'p99':>8}"

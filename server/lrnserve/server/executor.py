@@ -4,14 +4,17 @@ Each model has ``instances`` worker threads; each thread is one instance and,
 on CUDA, owns one stream. The batcher hands a thread a batch with ``submit``
 and gets the result back on its event loop through one ``call_soon_threadsafe``
 (no per-batch futures or executor bookkeeping: on small requests the hand-off
-is a large part of a batch's cost). A batch of several requests is assembled
-by copying every request's bytes once into a (pinned, on CUDA) batch buffer; a
-batch of one request on the CPU computes straight from the received bytes. Each
-request's output is a view of the batch's output; it is copied once, into the
-response message. When
-memory runs out (device or host) the batch is split in halves and retried; a
-single sample that still does not fit fails with RESOURCE_EXHAUSTED, and only
-that request fails.
+is a large part of a batch's cost).
+
+On the CPU a servable may take the requests' bytes as they are
+(``Servable.run_raw``: the LRN op, which needs no torch call and no gathering
+copy); otherwise the requests' bytes are joined once into the batch tensor (a
+single request is used in place). On CUDA they are copied once into a pinned
+batch buffer, moved with a non-blocking copy, computed, and copied back the same
+way. Each request's output is a view of the batch's output, copied once, into
+the response message. When memory runs out (device or host) the batch is split
+in halves and retried; a single sample that still does not fit fails with
+RESOURCE_EXHAUSTED, and only that request fails.
 """
 
 from __future__ import annotations
@@ -105,21 +108,6 @@ class Executor:
         """Compute ``items`` as one batch on a free instance; ``done`` gets the result (or the
         exception) on the calling thread's event loop."""
         self._jobs.put((list(items), asyncio.get_running_loop(), done))
-
-    async def run(self, items: Sequence[Work]) -> BatchResult:
-        """``submit``, awaited."""
-        future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
-
-        def done(result: BatchResult | BaseException) -> None:
-            if future.done():
-                return
-            if isinstance(result, BaseException):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
-
-        self.submit(items, done)
-        return await future
 
     def close(self, wait: bool = True) -> None:
         """Let the instance threads end once the batches already submitted are done."""

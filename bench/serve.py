@@ -20,6 +20,7 @@ BENCH_DELAY_US=N overrides max_queue_delay_us of the batching server.
 from __future__ import annotations
 
 import argparse
+import math
 import multiprocessing
 import os
 import signal
@@ -31,6 +32,7 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from multiprocessing.pool import Pool
 from pathlib import Path
 
 import grpc
@@ -135,6 +137,7 @@ def batch_counts(target: str, model: str) -> dict[int, int]:
 class Cell:
     result: LoadResult
     batches: dict[int, int]  # batch size -> executions during this run
+    ceiling: float | None = None  # in-process samples/s at those batch sizes, measured right after
 
     @property
     def mean_batch(self) -> float:
@@ -170,10 +173,18 @@ def measure_cell(target: str, variant: Variant, case: Case, concurrency: int, du
     return cell
 
 
-def measure(variants: list[Variant], cases: list[Case], concurrencies: list[int], duration: float, reps: int) -> Runs:
+def measure(
+    variants: list[Variant],
+    cases: list[Case],
+    concurrencies: list[int],
+    duration: float,
+    reps: int,
+    ceilings: Pool | None = None,
+) -> Runs:
     """Every variant's server runs at once (idle but for the one under load); each cell is measured
     on every variant back to back, in alternating order, so slow drifts of this shared machine
-    fall on all variants alike."""
+    fall on all variants alike. With ``ceilings`` (a child set up like the server) each batching
+    cell's ceiling is measured right after it, for the same reason."""
     runs: Runs = {variant: {} for variant in variants}
     for rep in range(reps):
         with ExitStack() as stack:
@@ -183,6 +194,8 @@ def measure(variants: list[Variant], cases: list[Case], concurrencies: list[int]
                     order = variants if rep % 2 == 0 else variants[::-1]
                     for variant in order:
                         cell = measure_cell(targets[variant], variant, case, concurrency, duration)
+                        if ceilings is not None and variant.max_batch_size > 1:
+                            cell.ceiling = float(ceilings.apply(ceiling, (case, cell.batches)))
                         runs[variant].setdefault((case.key, concurrency), []).append(cell)
     return runs
 
@@ -224,6 +237,7 @@ class Summary:
     p50s: list[float]
     p99s: list[float]
     batches: dict[int, int]
+    ceilings: list[float]
 
     @classmethod
     def of(cls, cells: list[Cell]) -> Summary:
@@ -236,6 +250,7 @@ class Summary:
             [c.result.latency(50) * 1e3 for c in cells],
             [c.result.latency(99) * 1e3 for c in cells],
             batches,
+            [c.ceiling for c in cells if c.ceiling is not None],
         )
 
     @property
@@ -246,15 +261,25 @@ class Summary:
     def mean_batch(self) -> float:
         return Cell(LoadResult(0, 0.0), self.batches).mean_batch
 
+    @property
+    def ceiling(self) -> float:
+        return statistics.median(self.ceilings) if self.ceilings else math.nan
+
+    @property
+    def served_fraction(self) -> float:
+        """Median over repetitions of served throughput / that repetition's ceiling."""
+        if not self.ceilings:
+            return math.nan
+        return statistics.median(t / c for t, c in zip(self.throughputs, self.ceilings, strict=True))
+
     def latency_text(self) -> str:
         return f"{statistics.median(self.p50s):8.2f}{statistics.median(self.p99s):8.2f}"
 
 
-def ceiling_in_child(case: Case, batches: dict[int, int]) -> float:
-    """``ceiling`` in a fresh process whose C heap is set up as ``lrnserve serve`` sets up its own."""
+def ceiling_child() -> Pool:
+    """A child process whose C heap is set up as ``lrnserve serve`` sets up its own."""
     context = multiprocessing.get_context("spawn")
-    with context.Pool(1, initializer=keep_freed_memory, initargs=(DEFAULT_CACHE_BYTES,)) as pool:
-        return float(pool.apply(ceiling, (case, batches)))
+    return context.Pool(1, initializer=keep_freed_memory, initargs=(DEFAULT_CACHE_BYTES,))
 
 
 def main() -> None:
@@ -271,7 +296,8 @@ def main() -> None:
     keep_freed_memory(DEFAULT_CACHE_BYTES)  # the load generator, set up as `lrnserve bench` sets itself up
 
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs; server and client share this machine")
-    runs = measure([BATCHED, UNBATCHED], cases, concurrencies, args.duration, args.reps)
+    with ceiling_child() as child:
+        runs = measure([BATCHED, UNBATCHED], cases, concurrencies, args.duration, args.reps, ceilings=child)
     batched = {key: Summary.of(cells) for key, cells in runs[BATCHED].items()}
     unbatched = {key: Summary.of(cells) for key, cells in runs[UNBATCHED].items()}
     overhead: dict[str, tuple[float, float]] = {}
@@ -285,7 +311,7 @@ def main() -> None:
 
     print(f"\nthroughput in requests/s (one sample each), latency in ms: medians of {args.reps} alternating runs;")
     print("wins = repetitions in which batching beat the unbatched run beside it; ceiling = in-process model at the")
-    print("batch sizes the batcher formed")
+    print("batch sizes the batcher formed, measured right after each run; served/ceil = median of the per-run ratios")
     header = (
         f"{'case':26}{'conc':>5}{'batched/s':>11}{'p50':>8}{'p99':>8}{'unbatched/s':>13}{'p50':>8}{'p99':>8}"
         f"{'batch/unb':>10}{'wins':>6}{'mean batch':>11}{'ceiling/s':>11}{'served/ceil':>12}"
@@ -296,11 +322,10 @@ def main() -> None:
         for concurrency in concurrencies:
             b, u = batched[(case.key, concurrency)], unbatched[(case.key, concurrency)]
             wins = sum(x > y for x, y in zip(b.throughputs, u.throughputs, strict=True))
-            top = ceiling_in_child(case, b.batches)
             print(
                 f"{case.label:26}{concurrency:>5}{b.throughput:11.1f}{b.latency_text()}"
                 f"{u.throughput:13.1f}{u.latency_text()}{b.throughput / u.throughput:9.2f}x"
-                f"{f'{wins}/{args.reps}':>6}{b.mean_batch:11.1f}{top:11.1f}{b.throughput / top:11.0%}"
+                f"{f'{wins}/{args.reps}':>6}{b.mean_batch:11.1f}{b.ceiling:11.1f}{b.served_fraction:11.0%}"
             )
     if overhead:
         print(

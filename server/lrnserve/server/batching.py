@@ -222,12 +222,8 @@ class Batcher:
         while self._free and self._queue and not self._stopped:
             now = time.monotonic()
             first = self._queue[0]
-            if first.future.done():
+            if not self._alive(first, now):
                 self._queue.popleft()
-                continue
-            if first.deadline is not None and now >= first.deadline:
-                self._queue.popleft()
-                self._fail_expired(first)
                 continue
             group = first.work.group
             waited = now - first.enqueued
@@ -259,10 +255,7 @@ class Batcher:
         samples = 0
         rest: deque[Pending] = deque()
         for pending in self._queue:
-            if pending.future.done():
-                continue
-            if pending.deadline is not None and now >= pending.deadline:
-                self._fail_expired(pending)
+            if not self._alive(pending, now):
                 continue
             n = pending.work.samples
             if pending.work.group == group and (not taken or (samples < max_samples and samples + n <= max_samples)):
@@ -313,16 +306,17 @@ class Batcher:
     def _drop_dead(self) -> None:
         """Forget cancelled requests; fail expired ones (their timers may not have fired yet)."""
         now = time.monotonic()
-        alive: deque[Pending] = deque()
-        for pending in self._queue:
-            if pending.future.done():
-                continue
-            if pending.deadline is not None and now >= pending.deadline:
-                self._fail_expired(pending)
-                continue
-            alive.append(pending)
-        self._queue = alive
+        self._queue = deque(p for p in self._queue if self._alive(p, now))
         self._update_idle()
+
+    def _alive(self, pending: Pending, now: float) -> bool:
+        """False for a request that was cancelled or answered, or whose deadline passed (failed here)."""
+        if pending.future.done():
+            return False
+        if pending.deadline is not None and now >= pending.deadline:
+            self._fail_expired(pending)
+            return False
+        return True
 
     def _update_idle(self) -> None:
         if not self._queue and not self._running:

@@ -133,6 +133,11 @@ def batch_counts(target: str, model: str) -> dict[int, int]:
     return {b.batch_size: b.compute_infer.count for b in stats.batch_stats}
 
 
+def mean_batch(batches: dict[int, int]) -> float:
+    n = sum(batches.values())
+    return sum(size * count for size, count in batches.items()) / n if n else 0.0
+
+
 @dataclass
 class Cell:
     result: LoadResult
@@ -141,8 +146,7 @@ class Cell:
 
     @property
     def mean_batch(self) -> float:
-        n = sum(self.batches.values())
-        return sum(size * count for size, count in self.batches.items()) / n if n else 0.0
+        return mean_batch(self.batches)
 
 
 @dataclass(frozen=True)
@@ -259,7 +263,7 @@ class Summary:
 
     @property
     def mean_batch(self) -> float:
-        return Cell(LoadResult(0, 0.0), self.batches).mean_batch
+        return mean_batch(self.batches)
 
     @property
     def ceiling(self) -> float:

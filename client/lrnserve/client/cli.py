@@ -24,6 +24,7 @@ from ._client import Client
 from ._config import TLS
 from ._errors import LrnserveError
 from ._tensors import encode
+from .datatypes import DATATYPES
 from .loadgen import LoadResult, run_load
 
 DEFAULT_TARGET = "localhost:8001"
@@ -175,8 +176,7 @@ def bench_table(results: list[LoadResult]) -> str:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     keep_freed_memory(DEFAULT_CACHE_BYTES)  # a load generator should cost the machine little
-    dtype = {"FP32": np.float32, "FP16": np.float16, "FP64": np.float64}[args.dtype]
-    x = np.random.default_rng(0).standard_normal(args.shape).astype(dtype)
+    x = np.random.default_rng(0).standard_normal(args.shape).astype(DATATYPES[args.dtype].numpy)
     request, _ = encode(args.model, x, dict(args.parameter or []))
     conn = connection(args)
     client = Client(args.target, **conn)  # the same channel settings as every other command
@@ -296,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("model", metavar="MODEL")
     bench.add_argument("--shape", type=shape, required=True, help="input shape, e.g. 1,96,55,55")
-    bench.add_argument("--dtype", choices=("FP32", "FP16", "FP64"), default="FP32")
+    # numpy types only: bfloat16 has no numpy type to draw random inputs in
+    bench.add_argument("--dtype", choices=[d.wire for d in DATATYPES.values() if d.numpy], default="FP32")
     bench.add_argument("--concurrency", type=int_list, default=[1, 8, 32], help="levels, e.g. 1,8,32 (default)")
     bench.add_argument("--duration", type=positive, default=10.0, metavar="SECONDS", help="per level (default 10)")
     bench.add_argument("--warmup", type=float, default=1.0, metavar="SECONDS", help="untimed, per level (default 1)")

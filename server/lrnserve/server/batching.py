@@ -214,9 +214,6 @@ class Batcher:
     def _dispatch(self) -> None:
         """Start batches while an instance is free and the queue has one ready."""
         self._dispatch_scheduled = False
-        if self._delay_timer is not None:
-            self._delay_timer.cancel()
-            self._delay_timer = None
         max_samples = self.policy.max_batch_size
         delay = self.policy.max_queue_delay_us / 1e6
         while self._free and self._queue and not self._stopped:
@@ -228,11 +225,17 @@ class Batcher:
             group = first.work.group
             waited = now - first.enqueued
             if waited < delay and self._expects_more(now) and not self._fills(group, max_samples):
-                assert self._loop is not None
-                self._delay_timer = self._loop.call_later(delay - waited, self._dispatch)
+                # Wait; a timer armed earlier for an older head fires early and lands here again.
+                if self._delay_timer is None:
+                    assert self._loop is not None
+                    self._delay_timer = self._loop.call_later(delay - waited, self._delay_passed)
                 break
             self._start(self._take(group, max_samples, now))
         self._update_idle()
+
+    def _delay_passed(self) -> None:
+        self._delay_timer = None
+        self._dispatch()
 
     def _expects_more(self, now: float) -> bool:
         """Whether more requests can be expected soon: fewer are queued than were lately in
@@ -268,8 +271,9 @@ class Batcher:
         return taken
 
     def _start(self, batch: list[Pending]) -> None:
-        if not batch:
-            return
+        if self._delay_timer is not None:
+            self._delay_timer.cancel()
+            self._delay_timer = None
         self._free -= 1
         self._running += 1
         self._computing += len(batch)

@@ -1,7 +1,7 @@
 """The server's exception family: each error carries the gRPC status it maps to.
 
 Everything the dataplane, batcher or models reject is raised as one of these;
-the transport maps them in exactly one place (``grpc_server.ErrorInterceptor``).
+the transport maps them in exactly one place (``transport.service.Guarded``).
 Anything else that escapes becomes INTERNAL with a generic message.
 """
 

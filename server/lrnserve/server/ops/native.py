@@ -34,7 +34,8 @@ SOURCE = Path(__file__).with_name("csrc") / "lrn.cpp"
 _BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno")
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 _MODE_CODES = {"across": 0, "within": 1}
-# Calls on at most this many elements keep the GIL (tens of microseconds at most).
+# Calls on at most this many elements keep the GIL: 30-75 us at size 5 on the 2-core CI machine
+# ([1,64,32,32] and [1,16,64,64], across and within).
 HOLD_GIL_ELEMENTS = 1 << 16
 _ARGTYPES: list[Any] = [
     ctypes.c_int,

@@ -14,12 +14,17 @@ Prometheus metrics on and off.
 
     python bench/serve.py [--duration 5] [--reps 3] [--concurrency 1,8,32] [--cases lrn96,lrn16,alexnet]
 
-BENCH_DELAY_US=N overrides max_queue_delay_us of the batching server.
+BENCH_DELAY_US=N overrides max_queue_delay_us of the batching server;
+--instances/--threads set the models' instance layout (default: the server's
+own choice, e.g. one single-threaded AlexNet instance per core). The ceiling
+runs the model in-process with the same layout: as many threads as instances,
+each with that many intra-op threads, computing batches side by side.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import multiprocessing
 import os
@@ -28,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -43,8 +49,11 @@ from lrnserve.client._allocator import DEFAULT_CACHE_BYTES, keep_freed_memory
 from lrnserve.client.loadgen import LoadResult, run_load
 from lrnserve.client.pb import grpc_predict_v2_pb2 as pb
 from lrnserve.client.pb import grpc_predict_v2_pb2_grpc as pb_grpc
+from lrnserve.server.executor import instance_layout
 from lrnserve.server.models import create_network
 from lrnserve.server.ops import local_response_norm
+from lrnserve.server.servables import create_servable
+from lrnserve.server.settings import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -71,10 +80,32 @@ CASES = {
 DELAY_US = os.environ.get("BENCH_DELAY_US")
 
 
+@functools.cache
+def _resolved_layout(model: str, instances: int, threads: int) -> tuple[int, int]:
+    servable = create_servable(ModelConfig(name=model, kind=model))
+    return instance_layout(servable, torch.device("cpu"), instances, threads)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Instances and CPU threads per instance as configured (0: the server chooses)."""
+
+    instances: int = 0
+    threads: int = 0
+
+    def resolved(self, case: Case) -> tuple[int, int]:
+        """What the server runs for ``case``'s model on this machine's CPU."""
+        return _resolved_layout(case.model, self.instances, self.threads)
+
+
+LAYOUT = Layout()
+
+
 def config_text(max_batch_size: int) -> str:
     delay = f"max_queue_delay_us = {int(DELAY_US)}\n" if DELAY_US is not None else ""
+    layout = f"instances = {LAYOUT.instances}\nthreads = {LAYOUT.threads}\n"
     return "\n".join(
-        f"[models.{name}]\nmax_batch_size = {max_batch_size}\n{delay}max_queue_size = 1024\n"
+        f"[models.{name}]\nmax_batch_size = {max_batch_size}\n{delay}{layout}max_queue_size = 1024\n"
         for name in ("lrn", "alexnet")
     )
 
@@ -199,37 +230,59 @@ def measure(
                     for variant in order:
                         cell = measure_cell(targets[variant], variant, case, concurrency, duration)
                         if ceilings is not None and variant.max_batch_size > 1:
-                            cell.ceiling = float(ceilings.apply(ceiling, (case, cell.batches)))
+                            layout = LAYOUT.resolved(case)
+                            cell.ceiling = float(ceilings.apply(ceiling, (case, cell.batches, *layout)))
                         runs[variant].setdefault((case.key, concurrency), []).append(cell)
     return runs
 
 
-def in_process_seconds(case: Case, batch: int, reps: int = 15) -> float:
-    """Median time of the model itself on a batch of ``batch`` samples."""
+def in_process_seconds(case: Case, batch: int, instances: int, threads: int, rounds: int = 5) -> float:
+    """Seconds per batch of ``batch`` samples of the model itself, run as the server runs it:
+    ``instances`` threads side by side, each with ``threads`` intra-op threads; the median over
+    ``rounds`` rounds in which every instance computes a few batches."""
     x = torch.randn(batch, *case.shape[1:])
     if case.model == "lrn":
         fn = lambda: local_response_norm(x, 5)  # noqa: E731
     else:
         net = NETWORKS.setdefault(case.model, create_network(case.model))
         fn = lambda: net(x)  # noqa: E731
-    with torch.inference_mode():
-        for _ in range(3):
-            fn()
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
+    per_round = 3
+    start_line = threading.Barrier(instances + 1)
+    end_line = threading.Barrier(instances + 1)
+
+    def instance() -> None:
+        torch.set_num_threads(threads)
+        with torch.inference_mode():
+            fn()  # warm-up
+            for _ in range(rounds):
+                start_line.wait()
+                for _ in range(per_round):
+                    fn()
+                end_line.wait()
+
+    workers = [threading.Thread(target=instance) for _ in range(instances)]
+    for worker in workers:
+        worker.start()
+    times = []
+    for _ in range(rounds):
+        start_line.wait()
+        start = time.perf_counter()
+        end_line.wait()
+        times.append((time.perf_counter() - start) / (instances * per_round))
+    for worker in workers:
+        worker.join()
     return statistics.median(times)
 
 
 NETWORKS: dict[str, torch.nn.Module] = {}
 
 
-def ceiling(case: Case, batches: dict[int, int]) -> float:
-    """Samples/s of the in-process model running exactly the batches the server ran."""
+def ceiling(case: Case, batches: dict[int, int], instances: int = 1, threads: int = 0) -> float:
+    """Samples/s of the in-process model running exactly the batches the server ran, with the
+    server's instance layout."""
+    threads = threads or torch.get_num_threads()
     samples = sum(size * count for size, count in batches.items())
-    seconds = sum(count * in_process_seconds(case, size) for size, count in batches.items())
+    seconds = sum(count * in_process_seconds(case, size, instances, threads) for size, count in batches.items())
     return samples / seconds if seconds else float("nan")
 
 
@@ -294,12 +347,19 @@ def main() -> None:
     parser.add_argument("--cases", default=",".join(CASES), help=f"subset of {', '.join(CASES)}")
     parser.add_argument("--skip-metrics-overhead", action="store_true")
     parser.add_argument("--overhead-reps", type=int, default=3, help="alternating on/off runs (default 3)")
+    parser.add_argument("--instances", type=int, default=0, help="instances per model (default 0: server's choice)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads per instance (default 0: server's choice)")
     args = parser.parse_args()
+    global LAYOUT
+    LAYOUT = Layout(args.instances, args.threads)
     cases = [CASES[key] for key in args.cases.split(",")]
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     keep_freed_memory(DEFAULT_CACHE_BYTES)  # the load generator, set up as `lrnserve bench` sets itself up
 
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs; server and client share this machine")
+    for case in cases:
+        instances, threads = LAYOUT.resolved(case)
+        print(f"  {case.model}: {instances} instance(s) x {threads} CPU thread(s)")
     with ceiling_child() as child:
         runs = measure([BATCHED, UNBATCHED], cases, concurrencies, args.duration, args.reps, ceilings=child)
     batched = {key: Summary.of(cells) for key, cells in runs[BATCHED].items()}

@@ -207,7 +207,7 @@ class GatedLRN(LRNServable):
 
     def __init__(self, inner: LRNServable) -> None:
         super().__init__(inner.config)
-        self.__dict__.update({k: v for k, v in vars(inner).items() if k in ("device", "_kernel", "_threads")})
+        self.__dict__.update({k: v for k, v in vars(inner).items() if k in ("device", "_kernel", "threads")})
         self.gate = threading.Event()
         self.gate.set()
         self.started = threading.Event()

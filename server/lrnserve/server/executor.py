@@ -1,10 +1,17 @@
 """Runs one model's batches on its device, off the event loop.
 
 Each model has ``instances`` worker threads; each thread is one instance and,
-on CUDA, owns one stream. The batcher hands a thread a batch with ``submit``
-and gets the result back on its event loop through one ``call_soon_threadsafe``
-(no per-batch futures or executor bookkeeping: on small requests the hand-off
-is a large part of a batch's cost).
+on CUDA, owns one stream. On the CPU each instance computes with its own share
+of the cores (``threads`` intra-op threads; by default the cores divided among
+the instances), and networks default to one single-threaded instance per core:
+a multi-threaded forward pass waits at every layer for its slowest thread, and
+on a server whose cores also run the event loop, gRPC and often the clients,
+that thread is often descheduled (bench/serve.py measures both layouts).
+
+The batcher hands a thread a batch with ``submit`` and gets the result back on
+its event loop through one ``call_soon_threadsafe`` (no per-batch futures or
+executor bookkeeping: on small requests the hand-off is a large part of a
+batch's cost).
 
 On the CPU a servable may take the requests' bytes as they are
 (``Servable.run_raw``: the LRN op, which needs no torch call and no gathering
@@ -85,11 +92,24 @@ Done = Callable[[BatchResult | BaseException], None]
 _Job = tuple[list[Work], asyncio.AbstractEventLoop, Done]
 
 
+def instance_layout(servable: Servable, device: torch.device, instances: int, threads: int) -> tuple[int, int]:
+    """How many instances a model runs and how many CPU threads each computes with; 0 for
+    either means choose: instances as the servable prefers on this device, threads as torch's
+    thread count shared out among the instances (at least one each)."""
+    cores = torch.get_num_threads()
+    if instances <= 0:
+        instances = servable.default_cpu_instances(cores) if device.type == "cpu" else 1
+    if threads <= 0:
+        threads = max(1, cores // instances)
+    return instances, threads
+
+
 class Executor:
-    def __init__(self, servable: Servable, device: torch.device, instances: int) -> None:
+    def __init__(self, servable: Servable, device: torch.device, instances: int = 0, threads: int = 0) -> None:
         self.servable = servable
         self.device = device
-        self.instances = instances
+        self.instances, self.threads = instance_layout(servable, device, instances, threads)
+        servable.threads = self.threads
         self._local = threading.local()
         with warnings.catch_warnings():
             # torch warns once per process that tensors over read-only request bytes are
@@ -99,10 +119,18 @@ class Executor:
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._threads = [
             threading.Thread(target=self._serve, name=f"lrnserve-{servable.name}_{i}", daemon=True)
-            for i in range(instances)
+            for i in range(self.instances)
         ]
+        process_default = torch.get_num_threads()
+        self._set_up = threading.Semaphore(0)
         for thread in self._threads:
             thread.start()
+        for _ in self._threads:
+            self._set_up.acquire(timeout=30)
+        if self.device.type == "cpu":
+            # torch.set_num_threads also sets the count that threads started later begin with;
+            # give those (other models' instances, loaders) the process default back.
+            torch.set_num_threads(process_default)
 
     def submit(self, items: Sequence[Work], done: Done) -> None:
         """Compute ``items`` as one batch on a free instance; ``done`` gets the result (or the
@@ -121,6 +149,12 @@ class Executor:
 
     def _serve(self) -> None:
         torch.set_grad_enabled(False)  # for the life of the instance, not toggled per batch
+        if self.device.type == "cpu":
+            # torch sets up a thread's pool on first use, from the process-wide count: let it,
+            # then give this thread its own count.
+            torch.get_num_threads()
+            torch.set_num_threads(self.threads)
+        self._set_up.release()
         while (job := self._jobs.get()) is not None:
             items, loop, done = job
             result: BatchResult | BaseException

@@ -103,7 +103,7 @@ class ModelRepository:
             model.load_seconds = time.perf_counter() - start
             if self._stopping:  # stop() ran while this model loaded: do not start it
                 return
-            executor = Executor(servable, model.device, model.config.instances)
+            executor = Executor(servable, model.device, model.config.instances, model.config.threads)
             listener = self._on_batch(model.name) if self._on_batch else None
             model.servable = servable
             model.batcher = Batcher(model.name, executor, model.config.batching, listener)
@@ -111,13 +111,14 @@ class ModelRepository:
             model.ready = True
             b = model.config.batching
             logger.info(
-                "model %s (%s): device=%s dtype=%s instances=%d max_batch_size=%d max_queue_delay_us=%d "
+                "model %s (%s): device=%s dtype=%s instances=%d%s max_batch_size=%d max_queue_delay_us=%d "
                 "loaded in %.2fs; %s",
                 model.name,
                 model.config.kind,
                 model.device,
                 model.config.dtype if model.config.kind != "lrn" else "input's",
-                model.config.instances,
+                executor.instances,
+                f" threads={executor.threads}" if model.device.type == "cpu" else "",
                 b.max_batch_size,
                 b.max_queue_delay_us,
                 model.load_seconds,

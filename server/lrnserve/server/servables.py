@@ -45,6 +45,7 @@ class Servable(ABC):
     input_name = "input"
     output_name = "output"
     parameter_names: tuple[str, ...] = ()
+    threads = 1  # CPU threads one instance computes with (set by its executor)
 
     def __init__(self, config: ModelConfig) -> None:
         self.config = config
@@ -65,6 +66,10 @@ class Servable(ABC):
     def check_cost(self, shape: tuple[int, ...], resolved: Resolved) -> str | None:
         """Why computing this request would take unreasonably long, or None."""
         return None
+
+    def default_cpu_instances(self, cores: int) -> int:
+        """Instances to run on a CPU of ``cores`` threads when the configuration leaves it open."""
+        return 1
 
     @abstractmethod
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]: ...
@@ -122,13 +127,11 @@ class LRNServable(Servable):
     max_window_terms = 2**33
     _kernel: native.NativeKernel | None = None  # set by load() on the CPU when the fused kernel builds
     gather_bytes = 256 * 1024  # batches up to this size are gathered into one kernel call
-    _threads = 1
 
     def load(self, device: torch.device) -> str:
         self.device = device
         implementation = prepare(device)
         self._kernel = native.kernel() if device.type == "cpu" else None
-        self._threads = torch.get_num_threads()
         p = self.config.lrn
         warm = torch.randn(2, 8, 4, 4, device=device)
         local_response_norm(warm, p.size, p.alpha, p.beta, p.k, p.mode)
@@ -208,7 +211,7 @@ class LRNServable(Servable):
                 (samples, *shape[1:]),
                 size,
                 (alpha.ctypes.data + scalar_offset, beta.ctypes.data + scalar_offset, k.ctypes.data + scalar_offset),
-                self._threads,
+                self.threads,
             )
             first_sample += samples
             offset += part.nbytes
@@ -244,6 +247,11 @@ class NetworkServable(Servable):
         with torch.inference_mode():
             self.network(torch.zeros(1, *self.sample_shape, device=device, dtype=self.dtype))
         return f"weights: {self.network.weights_source}; LRN: {implementation}"
+
+    def default_cpu_instances(self, cores: int) -> int:
+        """One single-threaded instance per core: no forward pass waits at a layer's barrier for
+        a thread the event loop or a client took the core from."""
+        return cores
 
     def check_sample_shape(self, shape: tuple[int, ...]) -> str | None:
         if shape != self.sample_shape:

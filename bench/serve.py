@@ -12,11 +12,16 @@ setting), at the batch sizes the batcher actually formed (read from the
 ModelStatistics RPC). A last pass compares the batching server with
 Prometheus metrics on and off.
 
-    python bench/serve.py [--duration 5] [--reps 3] [--concurrency 1,8,32] [--cases lrn96,lrn16,alexnet]
+    python bench/serve.py [--duration 5] [--reps 3] [--concurrency 1,8,16,32] [--cases lrn96,lrn16,alexnet]
+
+The baseline the issue names, Seldon's MLServer with adaptive batching serving
+torch's stock LRN, runs beside them in the same repetitions for the lrn cases
+(set it up once with ``bash bench/mlserver_baseline/setup.sh``; ``--no-mlserver``
+skips it).
 
 BENCH_DELAY_US=N overrides max_queue_delay_us of the batching server;
---instances/--threads set the models' instance layout (default: the server's
-own choice, e.g. one single-threaded AlexNet instance per core). The ceiling
+--instances/--threads set the models' instance layout (default: the server's,
+one instance with every core). The ceiling
 runs the model in-process with the same layout: as many threads as instances,
 each with that many intra-op threads, computing batches side by side.
 """
@@ -24,7 +29,6 @@ each with that many intra-op threads, computing batches side by side.
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 import multiprocessing
 import os
@@ -44,16 +48,15 @@ from pathlib import Path
 import grpc
 import numpy as np
 import torch
+from mlserver_baseline.server import mlserver
 
 from lrnserve.client._allocator import DEFAULT_CACHE_BYTES, keep_freed_memory
 from lrnserve.client.loadgen import LoadResult, run_load
 from lrnserve.client.pb import grpc_predict_v2_pb2 as pb
 from lrnserve.client.pb import grpc_predict_v2_pb2_grpc as pb_grpc
-from lrnserve.server.executor import instance_layout
+from lrnserve.server.executor import threads_per_instance
 from lrnserve.server.models import create_network
 from lrnserve.server.ops import local_response_norm
-from lrnserve.server.servables import create_servable
-from lrnserve.server.settings import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -80,22 +83,16 @@ CASES = {
 DELAY_US = os.environ.get("BENCH_DELAY_US")
 
 
-@functools.cache
-def _resolved_layout(model: str, instances: int, threads: int) -> tuple[int, int]:
-    servable = create_servable(ModelConfig(name=model, kind=model))
-    return instance_layout(servable, torch.device("cpu"), instances, threads)
-
-
 @dataclass(frozen=True)
 class Layout:
-    """Instances and CPU threads per instance as configured (0: the server chooses)."""
+    """Instances per model and CPU threads per instance (0: the server's default)."""
 
-    instances: int = 0
+    instances: int = 1
     threads: int = 0
 
-    def resolved(self, case: Case) -> tuple[int, int]:
-        """What the server runs for ``case``'s model on this machine's CPU."""
-        return _resolved_layout(case.model, self.instances, self.threads)
+    def resolved(self) -> tuple[int, int]:
+        """What the server runs on this machine's CPU."""
+        return self.instances, threads_per_instance(self.threads, self.instances)
 
 
 LAYOUT = Layout()
@@ -185,21 +182,35 @@ class Variant:
     label: str
     max_batch_size: int
     metrics: bool = True
+    baseline: bool = False  # MLServer serving torch's stock LRN (lrn cases only), not lrnserve
+
+    def serves(self, case: Case) -> bool:
+        return not self.baseline or case.model == "lrn"
+
+    def start(self, stack: ExitStack) -> str:
+        if self.baseline:
+            return stack.enter_context(mlserver())
+        return stack.enter_context(server(self.max_batch_size, self.metrics))
 
 
 BATCHED = Variant("batched", 32)
 UNBATCHED = Variant("unbatched", 1)
 METRICS_OFF = Variant("batched, metrics off", 32, metrics=False)
+MLSERVER = Variant("MLServer", 32, baseline=True)
 
 Runs = dict[Variant, dict[tuple[str, int], list["Cell"]]]
 
 
 def measure_cell(target: str, variant: Variant, case: Case, concurrency: int, duration: float) -> Cell:
-    before = batch_counts(target, case.model)
-    result = run_load(target, request_for(case), concurrency, duration, warmup=1.0)
-    after = batch_counts(target, case.model)
-    formed = {size: after[size] - before.get(size, 0) for size in after if after[size] > before.get(size, 0)}
-    cell = Cell(result, formed)
+    if variant.baseline:  # MLServer has no ModelStatistics: its batches are not known
+        cell = Cell(run_load(target, request_for(case), concurrency, duration, warmup=1.0), {})
+    else:
+        before = batch_counts(target, case.model)
+        result = run_load(target, request_for(case), concurrency, duration, warmup=1.0)
+        after = batch_counts(target, case.model)
+        formed = {size: after[size] - before.get(size, 0) for size in after if after[size] > before.get(size, 0)}
+        cell = Cell(result, formed)
+    result = cell.result
     print(
         f"  {variant.label:21} {case.label:24} c={concurrency:<3} {result.throughput:9.1f}/s  "
         f"p50 {result.latency(50) * 1e3:7.2f} ms  mean batch {cell.mean_batch:5.1f}  errors {dict(result.errors)}",
@@ -223,35 +234,52 @@ def measure(
     runs: Runs = {variant: {} for variant in variants}
     for rep in range(reps):
         with ExitStack() as stack:
-            targets = {v: stack.enter_context(server(v.max_batch_size, v.metrics)) for v in variants}
+            targets = {v: v.start(stack) for v in variants}
             for case in cases:
                 for concurrency in concurrencies:
                     order = variants if rep % 2 == 0 else variants[::-1]
-                    for variant in order:
+                    for variant in (v for v in order if v.serves(case)):
                         cell = measure_cell(targets[variant], variant, case, concurrency, duration)
-                        if ceilings is not None and variant.max_batch_size > 1:
-                            layout = LAYOUT.resolved(case)
+                        if ceilings is not None and variant.max_batch_size > 1 and not variant.baseline:
+                            layout = LAYOUT.resolved()
                             cell.ceiling = float(ceilings.apply(ceiling, (case, cell.batches, *layout)))
                         runs[variant].setdefault((case.key, concurrency), []).append(cell)
     return runs
 
 
-def in_process_seconds(case: Case, batch: int, instances: int, threads: int, rounds: int = 5) -> float:
+def in_process_seconds(case: Case, batch: int, instances: int, threads: int, reps: int = 15) -> float:
     """Seconds per batch of ``batch`` samples of the model itself, run as the server runs it:
-    ``instances`` threads side by side, each with ``threads`` intra-op threads; the median over
-    ``rounds`` rounds in which every instance computes a few batches."""
+    ``instances`` threads side by side, each with ``threads`` intra-op threads. One instance: the
+    median of ``reps`` timed calls; several: the median over rounds in which each computes a few."""
     x = torch.randn(batch, *case.shape[1:])
     if case.model == "lrn":
         fn = lambda: local_response_norm(x, 5)  # noqa: E731
     else:
         net = NETWORKS.setdefault(case.model, create_network(case.model))
         fn = lambda: net(x)  # noqa: E731
-    per_round = 3
+
+    def own_threads() -> None:
+        torch.get_num_threads()  # torch sets a thread's pool up on first use; then ours
+        torch.set_num_threads(threads)
+
+    if instances == 1:
+        own_threads()
+        with torch.inference_mode():
+            for _ in range(3):
+                fn()
+            times = []
+            for _ in range(reps):
+                start = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    rounds, per_round = 5, 3
     start_line = threading.Barrier(instances + 1)
     end_line = threading.Barrier(instances + 1)
 
     def instance() -> None:
-        torch.set_num_threads(threads)
+        own_threads()
         with torch.inference_mode():
             fn()  # warm-up
             for _ in range(rounds):
@@ -343,12 +371,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per cell (default 5)")
     parser.add_argument("--reps", type=int, default=3, help="alternating batched/unbatched runs (default 3)")
-    parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--concurrency", default="1,8,16,32")
     parser.add_argument("--cases", default=",".join(CASES), help=f"subset of {', '.join(CASES)}")
     parser.add_argument("--skip-metrics-overhead", action="store_true")
     parser.add_argument("--overhead-reps", type=int, default=3, help="alternating on/off runs (default 3)")
-    parser.add_argument("--instances", type=int, default=0, help="instances per model (default 0: server's choice)")
+    parser.add_argument("--instances", type=int, default=1, help="instances per model (default 1)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads per instance (default 0: server's choice)")
+    parser.add_argument(
+        "--no-mlserver", action="store_true", help="skip the MLServer baseline (bench/mlserver_baseline/setup.sh)"
+    )
     args = parser.parse_args()
     global LAYOUT
     LAYOUT = Layout(args.instances, args.threads)
@@ -357,13 +388,14 @@ def main() -> None:
     keep_freed_memory(DEFAULT_CACHE_BYTES)  # the load generator, set up as `lrnserve bench` sets itself up
 
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs; server and client share this machine")
-    for case in cases:
-        instances, threads = LAYOUT.resolved(case)
-        print(f"  {case.model}: {instances} instance(s) x {threads} CPU thread(s)")
+    instances, threads = LAYOUT.resolved()
+    print(f"each model: {instances} instance(s) x {threads} CPU thread(s)")
+    variants = [BATCHED, UNBATCHED] + ([] if args.no_mlserver else [MLSERVER])
     with ceiling_child() as child:
-        runs = measure([BATCHED, UNBATCHED], cases, concurrencies, args.duration, args.reps, ceilings=child)
+        runs = measure(variants, cases, concurrencies, args.duration, args.reps, ceilings=child)
     batched = {key: Summary.of(cells) for key, cells in runs[BATCHED].items()}
     unbatched = {key: Summary.of(cells) for key, cells in runs[UNBATCHED].items()}
+    baseline = {key: Summary.of(cells) for key, cells in runs.get(MLSERVER, {}).items()}
     overhead: dict[str, tuple[float, float]] = {}
     if not args.skip_metrics_overhead:
         top = max(concurrencies)
@@ -375,10 +407,12 @@ def main() -> None:
 
     print(f"\nthroughput in requests/s (one sample each), latency in ms: medians of {args.reps} alternating runs;")
     print("wins = repetitions in which batching beat the unbatched run beside it; ceiling = in-process model at the")
-    print("batch sizes the batcher formed, measured right after each run; served/ceil = median of the per-run ratios")
+    print("batch sizes the batcher formed, measured right after each run; served/ceil = median of the per-run ratios;")
+    print("MLServer = Seldon's MLServer 1.7.1 with adaptive batching serving torch's stock LRN, in the same runs")
     header = (
         f"{'case':26}{'conc':>5}{'batched/s':>11}{'p50':>8}{'p99':>8}{'unbatched/s':>13}{'p50':>8}{'p99':>8}"
         f"{'batch/unb':>10}{'wins':>6}{'mean batch':>11}{'ceiling/s':>11}{'served/ceil':>12}"
+        f"{'MLServer/s':>12}{'vs MLServer':>12}"
     )
     print(header)
     print("-" * len(header))
@@ -386,10 +420,12 @@ def main() -> None:
         for concurrency in concurrencies:
             b, u = batched[(case.key, concurrency)], unbatched[(case.key, concurrency)]
             wins = sum(x > y for x, y in zip(b.throughputs, u.throughputs, strict=True))
+            m = baseline.get((case.key, concurrency))
+            versus = f"{m.throughput:12.1f}{b.throughput / m.throughput:11.1f}x" if m else ""
             print(
                 f"{case.label:26}{concurrency:>5}{b.throughput:11.1f}{b.latency_text()}"
                 f"{u.throughput:13.1f}{u.latency_text()}{b.throughput / u.throughput:9.2f}x"
-                f"{f'{wins}/{args.reps}':>6}{b.mean_batch:11.1f}{b.ceiling:11.1f}{b.served_fraction:11.0%}"
+                f"{f'{wins}/{args.reps}':>6}{b.mean_batch:11.1f}{b.ceiling:11.1f}{b.served_fraction:11.0%}{versus}"
             )
     if overhead:
         print(

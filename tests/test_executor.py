@@ -10,24 +10,19 @@ import numpy as np
 import torch
 from harness import ServerThread, infer_request, output_array, settings, stub
 
-from lrnserve.server.executor import Executor, Work, instance_layout
-from lrnserve.server.servables import LRNServable, NetworkServable, create_servable
+from lrnserve.server.executor import Executor, Work, threads_per_instance
+from lrnserve.server.servables import LRNServable
 from lrnserve.server.settings import ModelConfig
 
 CPU = torch.device("cpu")
 
 
-def test_default_layout_is_one_single_threaded_network_instance_per_core() -> None:
+def test_threads_per_instance_share_out_the_cores_unless_configured() -> None:
     cores = torch.get_num_threads()
-    network = create_servable(ModelConfig(name="cifar10_full", kind="cifar10_full"))
-    lrn = create_servable(ModelConfig(name="lrn", kind="lrn"))
-    assert isinstance(network, NetworkServable) and isinstance(lrn, LRNServable)
-    assert instance_layout(network, CPU, 0, 0) == (cores, 1)
-    assert instance_layout(lrn, CPU, 0, 0) == (1, cores)
-    assert instance_layout(network, torch.device("cuda"), 0, 0) == (1, cores)  # one stream
-    assert instance_layout(network, CPU, 3, 2) == (3, 2)  # as configured
-    assert instance_layout(lrn, CPU, 2, 0) == (2, max(1, cores // 2))
-    assert instance_layout(lrn, CPU, cores + 5, 0) == (cores + 5, 1)  # at least one thread each
+    assert threads_per_instance(0, 1) == cores
+    assert threads_per_instance(0, 2) == max(1, cores // 2)
+    assert threads_per_instance(0, cores + 5) == 1  # at least one each
+    assert threads_per_instance(3, 2) == 3  # as configured
 
 
 class Recording(LRNServable):
@@ -80,17 +75,20 @@ def test_instances_run_side_by_side_each_with_its_own_thread_count() -> None:
     assert servable.threads == 1  # what the fused kernel is told, too
 
 
-def test_a_served_network_uses_the_default_layout_and_answers_correctly() -> None:
-    config = ModelConfig(name="cifar10_full", kind="cifar10_full")
+def test_a_served_network_runs_the_configured_layout_and_answers_correctly() -> None:
+    config = ModelConfig(name="cifar10_full", kind="cifar10_full", instances=2, threads=1)
     with ServerThread(settings(config)) as running:
         model = running.server.repository.get("cifar10_full")
         assert model.batcher is not None
         executor = model.batcher.executor
-        assert (executor.instances, executor.threads) == (torch.get_num_threads(), 1)
+        assert (executor.instances, executor.threads) == (2, 1)
         x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
         with running.channel() as channel:
-            response = stub(channel).ModelInfer(infer_request("cifar10_full", x), timeout=30)
+            responses = [
+                stub(channel).ModelInfer(infer_request("cifar10_full", x[i : i + 1]), timeout=30) for i in range(3)
+            ]
         network = executor.servable.network  # type: ignore[attr-defined]
         with torch.inference_mode():
             expected = network(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(output_array(response), expected, rtol=1e-5, atol=1e-6)
+    got = np.concatenate([output_array(r) for r in responses])
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)

@@ -67,10 +67,6 @@ class Servable(ABC):
         """Why computing this request would take unreasonably long, or None."""
         return None
 
-    def default_cpu_instances(self, cores: int) -> int:
-        """Instances to run on a CPU of ``cores`` threads when the configuration leaves it open."""
-        return 1
-
     @abstractmethod
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]: ...
 
@@ -247,11 +243,6 @@ class NetworkServable(Servable):
         with torch.inference_mode():
             self.network(torch.zeros(1, *self.sample_shape, device=device, dtype=self.dtype))
         return f"weights: {self.network.weights_source}; LRN: {implementation}"
-
-    def default_cpu_instances(self, cores: int) -> int:
-        """One single-threaded instance per core: no forward pass waits at a layer's barrier for
-        a thread the event loop or a client took the core from."""
-        return cores
 
     def check_sample_shape(self, shape: tuple[int, ...]) -> str | None:
         if shape != self.sample_shape:

@@ -20,15 +20,17 @@ torch's stock LRN, runs beside them in the same repetitions for the lrn cases
 skips it).
 
 BENCH_DELAY_US=N overrides max_queue_delay_us of the batching server;
---instances/--threads set the models' instance layout (default: the server's,
-one instance with every core). The ceiling
-runs the model in-process with the same layout: as many threads as instances,
-each with that many intra-op threads, computing batches side by side.
+--instances/--threads set the models' instance layout (default: the server's
+choice, e.g. AlexNet as min(cores, 4) instances sharing the cores). The ceiling
+runs the model in-process with the same layout: as many threads as instances
+(at most one per request in flight), each with that many intra-op threads,
+computing batches side by side.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import multiprocessing
 import os
@@ -54,9 +56,11 @@ from lrnserve.client._allocator import DEFAULT_CACHE_BYTES, keep_freed_memory
 from lrnserve.client.loadgen import LoadResult, run_load
 from lrnserve.client.pb import grpc_predict_v2_pb2 as pb
 from lrnserve.client.pb import grpc_predict_v2_pb2_grpc as pb_grpc
-from lrnserve.server.executor import threads_per_instance
+from lrnserve.server.executor import instance_layout
 from lrnserve.server.models import create_network
 from lrnserve.server.ops import local_response_norm
+from lrnserve.server.servables import create_servable
+from lrnserve.server.settings import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -83,16 +87,22 @@ CASES = {
 DELAY_US = os.environ.get("BENCH_DELAY_US")
 
 
+@functools.cache
+def _resolved_layout(model: str, instances: int, threads: int) -> tuple[int, int]:
+    servable = create_servable(ModelConfig(name=model, kind=model))
+    return instance_layout(servable, torch.device("cpu"), instances, threads)
+
+
 @dataclass(frozen=True)
 class Layout:
-    """Instances per model and CPU threads per instance (0: the server's default)."""
+    """Instances per model and CPU threads per instance as configured (0: the server chooses)."""
 
-    instances: int = 1
+    instances: int = 0
     threads: int = 0
 
-    def resolved(self) -> tuple[int, int]:
-        """What the server runs on this machine's CPU."""
-        return self.instances, threads_per_instance(self.threads, self.instances)
+    def resolved(self, case: Case) -> tuple[int, int]:
+        """What the server runs for ``case``'s model on this machine's CPU."""
+        return _resolved_layout(case.model, self.instances, self.threads)
 
 
 LAYOUT = Layout()
@@ -241,8 +251,9 @@ def measure(
                     for variant in (v for v in order if v.serves(case)):
                         cell = measure_cell(targets[variant], variant, case, concurrency, duration)
                         if ceilings is not None and variant.max_batch_size > 1 and not variant.baseline:
-                            layout = LAYOUT.resolved()
-                            cell.ceiling = float(ceilings.apply(ceiling, (case, cell.batches, *layout)))
+                            instances, threads = LAYOUT.resolved(case)
+                            busy = min(instances, concurrency)  # fewer requests than instances leave some idle
+                            cell.ceiling = float(ceilings.apply(ceiling, (case, cell.batches, busy, threads)))
                         runs[variant].setdefault((case.key, concurrency), []).append(cell)
     return runs
 
@@ -375,7 +386,7 @@ def main() -> None:
     parser.add_argument("--cases", default=",".join(CASES), help=f"subset of {', '.join(CASES)}")
     parser.add_argument("--skip-metrics-overhead", action="store_true")
     parser.add_argument("--overhead-reps", type=int, default=3, help="alternating on/off runs (default 3)")
-    parser.add_argument("--instances", type=int, default=1, help="instances per model (default 1)")
+    parser.add_argument("--instances", type=int, default=0, help="instances per model (default 0: server's choice)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads per instance (default 0: server's choice)")
     parser.add_argument(
         "--no-mlserver", action="store_true", help="skip the MLServer baseline (bench/mlserver_baseline/setup.sh)"
@@ -388,8 +399,9 @@ def main() -> None:
     keep_freed_memory(DEFAULT_CACHE_BYTES)  # the load generator, set up as `lrnserve bench` sets itself up
 
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs; server and client share this machine")
-    instances, threads = LAYOUT.resolved()
-    print(f"each model: {instances} instance(s) x {threads} CPU thread(s)")
+    for case in cases:
+        instances, threads = LAYOUT.resolved(case)
+        print(f"  {case.model}: {instances} instance(s) x {threads} CPU thread(s)")
     variants = [BATCHED, UNBATCHED] + ([] if args.no_mlserver else [MLSERVER])
     with ceiling_child() as child:
         runs = measure(variants, cases, concurrencies, args.duration, args.reps, ceilings=child)

@@ -10,19 +10,27 @@ import numpy as np
 import torch
 from harness import ServerThread, infer_request, output_array, settings, stub
 
-from lrnserve.server.executor import Executor, Work, threads_per_instance
-from lrnserve.server.servables import LRNServable
+from lrnserve.server.executor import Executor, Work, instance_layout
+from lrnserve.server.servables import LRNServable, NetworkServable, create_servable
 from lrnserve.server.settings import ModelConfig
 
 CPU = torch.device("cpu")
 
 
-def test_threads_per_instance_share_out_the_cores_unless_configured() -> None:
+def test_default_layout_shares_the_cores_among_up_to_four_network_instances() -> None:
     cores = torch.get_num_threads()
-    assert threads_per_instance(0, 1) == cores
-    assert threads_per_instance(0, 2) == max(1, cores // 2)
-    assert threads_per_instance(0, cores + 5) == 1  # at least one each
-    assert threads_per_instance(3, 2) == 3  # as configured
+    network = create_servable(ModelConfig(name="cifar10_full", kind="cifar10_full"))
+    lrn = create_servable(ModelConfig(name="lrn", kind="lrn"))
+    assert isinstance(network, NetworkServable) and isinstance(lrn, LRNServable)
+    instances = min(cores, 4)
+    assert instance_layout(network, CPU, 0, 0) == (instances, max(1, cores // instances))
+    assert instance_layout(lrn, CPU, 0, 0) == (1, cores)
+    assert instance_layout(network, torch.device("cuda"), 0, 0) == (1, cores)  # one stream
+    assert network.default_cpu_instances(2) == 2 and network.default_cpu_instances(64) == 4
+    assert network.default_cpu_instances(1) == 1
+    assert instance_layout(network, CPU, 3, 2) == (3, 2)  # as configured
+    assert instance_layout(lrn, CPU, 2, 0) == (2, max(1, cores // 2))
+    assert instance_layout(lrn, CPU, cores + 5, 0) == (cores + 5, 1)  # at least one thread each
 
 
 class Recording(LRNServable):
@@ -75,7 +83,7 @@ def test_instances_run_side_by_side_each_with_its_own_thread_count() -> None:
     assert servable.threads == 1  # what the fused kernel is told, too
 
 
-def test_a_served_network_runs_the_configured_layout_and_answers_correctly() -> None:
+def test_a_served_network_runs_its_layout_and_answers_correctly() -> None:
     config = ModelConfig(name="cifar10_full", kind="cifar10_full", instances=2, threads=1)
     with ServerThread(settings(config)) as running:
         model = running.server.repository.get("cifar10_full")

@@ -102,7 +102,7 @@ def test_config_path_from_the_environment(tmp_path: Path) -> None:
             "models.lrn.max_queue_delay_us: expected an integer >= 0",
         ),
         ("[models.lrn]\nmax_queue_size = true\n", "models.lrn.max_queue_size: expected an integer"),
-        ("[models.lrn]\ninstances = 0\n", "models.lrn.instances: expected an integer >= 1"),
+        ("[models.lrn]\ninstances = -1\n", "models.lrn.instances: expected an integer >= 0"),
         ("[models.lrn]\nthreads = -1\n", "models.lrn.threads: expected an integer >= 0"),
         ("[models.lrn]\nsize = 0\n", "models.lrn.size: size must be an integer >= 1"),
         ("[models.lrn]\nalpha = -1.0\n", "models.lrn.alpha: alpha must be a finite number >= 0"),

@@ -3,10 +3,11 @@
 Each model has ``instances`` worker threads; each thread is one instance and,
 on CUDA, owns one stream. On the CPU each instance computes with its own share
 of the cores: ``threads`` intra-op threads, by default the cores divided among
-the instances. Single-threaded instances never wait at a layer's barrier for a
-thread that the event loop, gRPC or a neighbour took the core from; one
-instance with every thread needs fewer requests in flight to keep the cores
-busy (bench/serve.py --instances/--threads measures both).
+the instances. Networks default to several instances (``default_cpu_instances``):
+a multi-threaded forward pass waits at every layer for its slowest thread, and
+on a server whose cores also run the event loop, gRPC and often clients, some
+thread is often descheduled; instances with fewer threads each stall less of
+the machine (bench/serve.py --instances/--threads measures layouts).
 
 The batcher hands a thread a batch with ``submit`` and gets the result back on
 its event loop through one ``call_soon_threadsafe`` (no per-batch futures or
@@ -92,18 +93,23 @@ Done = Callable[[BatchResult | BaseException], None]
 _Job = tuple[list[Work], asyncio.AbstractEventLoop, Done]
 
 
-def threads_per_instance(configured: int, instances: int) -> int:
-    """CPU intra-op threads of one instance: as configured, or (0) torch's thread count shared
-    out among the instances, at least one each."""
-    return configured if configured > 0 else max(1, torch.get_num_threads() // instances)
+def instance_layout(servable: Servable, device: torch.device, instances: int, threads: int) -> tuple[int, int]:
+    """How many instances a model runs and how many CPU threads each computes with; 0 for
+    either means choose: instances as the servable prefers on this device, threads as torch's
+    thread count shared out among the instances (at least one each)."""
+    cores = torch.get_num_threads()
+    if instances <= 0:
+        instances = servable.default_cpu_instances(cores) if device.type == "cpu" else 1
+    if threads <= 0:
+        threads = max(1, cores // instances)
+    return instances, threads
 
 
 class Executor:
-    def __init__(self, servable: Servable, device: torch.device, instances: int = 1, threads: int = 0) -> None:
+    def __init__(self, servable: Servable, device: torch.device, instances: int = 0, threads: int = 0) -> None:
         self.servable = servable
         self.device = device
-        self.instances = instances
-        self.threads = threads_per_instance(threads, instances)
+        self.instances, self.threads = instance_layout(servable, device, instances, threads)
         servable.threads = self.threads
         self._local = threading.local()
         with warnings.catch_warnings():

@@ -67,6 +67,10 @@ class Servable(ABC):
         """Why computing this request would take unreasonably long, or None."""
         return None
 
+    def default_cpu_instances(self, cores: int) -> int:
+        """Instances to run on a CPU of ``cores`` threads when the configuration leaves it open."""
+        return 1
+
     @abstractmethod
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]: ...
 
@@ -243,6 +247,12 @@ class NetworkServable(Servable):
         with torch.inference_mode():
             self.network(torch.zeros(1, *self.sample_shape, device=device, dtype=self.dtype))
         return f"weights: {self.network.weights_source}; LRN: {implementation}"
+
+    def default_cpu_instances(self, cores: int) -> int:
+        """Up to four instances sharing the cores: a descheduled thread then stalls only its own
+        instance's batch, while each instance keeps enough threads and requests to batch well
+        (AlexNet on 2 cores at concurrency 32: 43 req/s as 2 x 1 thread, 36 as 1 x 2)."""
+        return max(1, min(cores, 4))
 
     def check_sample_shape(self, shape: tuple[int, ...]) -> str | None:
         if shape != self.sample_shape:

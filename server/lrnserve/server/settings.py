@@ -39,7 +39,8 @@ message names the offending key (``models.alexnet.max_batch_size``) or variable.
                                 # never wait (batches still form from what queues while one runs)
     max_queue_size = 256        # queued requests before RESOURCE_EXHAUSTED
     max_request_samples = 1024  # samples (N) one request may carry
-    instances = 1               # concurrent batches (worker threads / CUDA streams)
+    instances = 0               # concurrent batches (worker threads / CUDA streams); 0 = choose:
+                                # networks on the CPU min(cores, 4), otherwise 1
     threads = 0                 # CPU: intra-op threads per instance; 0 = the cores shared out
                                 # (torch's thread count // instances, at least 1)
     device = "auto"             # overrides [server].device for this model
@@ -108,7 +109,7 @@ class ModelConfig:
     kind: str
     device: str = "auto"
     dtype: str = "float32"
-    instances: int = 1
+    instances: int = 0  # 0: chosen for the model's kind and device (executor.instance_layout)
     threads: int = 0  # CPU intra-op threads per instance; 0: torch's thread count // instances
     weights: Path | None = None
     seed: int = 0
@@ -309,7 +310,7 @@ def _model(name: str, table: Mapping[str, Any], base_dir: Path) -> ModelConfig:
         kind=kind,
         device=_device(prefix + "device", table.get("device", "auto")),
         dtype=_choice(prefix + "dtype", table.get("dtype", "float32"), DTYPES),
-        instances=_integer(prefix + "instances", table.get("instances", 1), 1, 64),
+        instances=_integer(prefix + "instances", table.get("instances", 0), 0, 64),
         threads=_integer(prefix + "threads", table.get("threads", 0), 0, 1024),
         weights=weights_path,
         seed=_integer(prefix + "seed", table.get("seed", 0), 0),

@@ -156,6 +156,22 @@ def server(max_batch_size: int, metrics: bool = True) -> Iterator[str]:
             proc.wait(timeout=120)
 
 
+@contextmanager
+def echo_server() -> Iterator[str]:
+    """bench/grpc_echo.py in a child process: the transport's floor."""
+    script = Path(__file__).resolve().parent / "grpc_echo.py"
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        target = f"127.0.0.1:{int(proc.stdout.readline())}"
+        with grpc.insecure_channel(target) as channel:
+            grpc.channel_ready_future(channel).result(timeout=30)
+        yield target
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
 def request_for(case: Case) -> pb.ModelInferRequest:
     x = np.random.default_rng(0).standard_normal(case.shape).astype(np.float32)
     request = pb.ModelInferRequest(model_name=case.model)
@@ -192,27 +208,35 @@ class Variant:
     label: str
     max_batch_size: int
     metrics: bool = True
-    baseline: bool = False  # MLServer serving torch's stock LRN (lrn cases only), not lrnserve
+    # lrnserve; "mlserver": MLServer serving torch's stock LRN; "echo": bench/grpc_echo.py (both lrn only)
+    kind: str = "lrnserve"
+
+    @property
+    def baseline(self) -> bool:
+        return self.kind != "lrnserve"
 
     def serves(self, case: Case) -> bool:
         return not self.baseline or case.model == "lrn"
 
     def start(self, stack: ExitStack) -> str:
-        if self.baseline:
+        if self.kind == "mlserver":
             return stack.enter_context(mlserver())
+        if self.kind == "echo":
+            return stack.enter_context(echo_server())
         return stack.enter_context(server(self.max_batch_size, self.metrics))
 
 
 BATCHED = Variant("batched", 32)
 UNBATCHED = Variant("unbatched", 1)
 METRICS_OFF = Variant("batched, metrics off", 32, metrics=False)
-MLSERVER = Variant("MLServer", 32, baseline=True)
+MLSERVER = Variant("MLServer", 32, kind="mlserver")
+ECHO = Variant("gRPC echo", 0, kind="echo")
 
 Runs = dict[Variant, dict[tuple[str, int], list["Cell"]]]
 
 
 def measure_cell(target: str, variant: Variant, case: Case, concurrency: int, duration: float) -> Cell:
-    if variant.baseline:  # MLServer has no ModelStatistics: its batches are not known
+    if variant.baseline:  # no ModelStatistics there: batches are not known
         cell = Cell(run_load(target, request_for(case), concurrency, duration, warmup=1.0), {})
     else:
         before = batch_counts(target, case.model)
@@ -391,6 +415,7 @@ def main() -> None:
     parser.add_argument(
         "--no-mlserver", action="store_true", help="skip the MLServer baseline (bench/mlserver_baseline/setup.sh)"
     )
+    parser.add_argument("--no-echo", action="store_true", help="skip the gRPC echo floor (bench/grpc_echo.py)")
     args = parser.parse_args()
     global LAYOUT
     LAYOUT = Layout(args.instances, args.threads)
@@ -402,12 +427,13 @@ def main() -> None:
     for case in cases:
         instances, threads = LAYOUT.resolved(case)
         print(f"  {case.model}: {instances} instance(s) x {threads} CPU thread(s)")
-    variants = [BATCHED, UNBATCHED] + ([] if args.no_mlserver else [MLSERVER])
+    variants = [BATCHED, UNBATCHED] + ([] if args.no_mlserver else [MLSERVER]) + ([] if args.no_echo else [ECHO])
     with ceiling_child() as child:
         runs = measure(variants, cases, concurrencies, args.duration, args.reps, ceilings=child)
     batched = {key: Summary.of(cells) for key, cells in runs[BATCHED].items()}
     unbatched = {key: Summary.of(cells) for key, cells in runs[UNBATCHED].items()}
     baseline = {key: Summary.of(cells) for key, cells in runs.get(MLSERVER, {}).items()}
+    floor = {key: Summary.of(cells) for key, cells in runs.get(ECHO, {}).items()}
     overhead: dict[str, tuple[float, float]] = {}
     if not args.skip_metrics_overhead:
         top = max(concurrencies)
@@ -420,11 +446,12 @@ def main() -> None:
     print(f"\nthroughput in requests/s (one sample each), latency in ms: medians of {args.reps} alternating runs;")
     print("wins = repetitions in which batching beat the unbatched run beside it; ceiling = in-process model at the")
     print("batch sizes the batcher formed, measured right after each run; served/ceil = median of the per-run ratios;")
-    print("MLServer = Seldon's MLServer 1.7.1 with adaptive batching serving torch's stock LRN, in the same runs")
+    print("MLServer = Seldon's MLServer 1.7.1 with adaptive batching serving torch's stock LRN, in the same runs;")
+    print("echo = a grpc.aio server that answers every request with a canned response of its size (bench/grpc_echo.py)")
     header = (
         f"{'case':26}{'conc':>5}{'batched/s':>11}{'p50':>8}{'p99':>8}{'unbatched/s':>13}{'p50':>8}{'p99':>8}"
         f"{'batch/unb':>10}{'wins':>6}{'mean batch':>11}{'ceiling/s':>11}{'served/ceil':>12}"
-        f"{'MLServer/s':>12}{'vs MLServer':>12}"
+        f"{'MLServer/s':>12}{'vs MLServer':>12}{'echo/s':>9}{'of echo':>9}"
     )
     print(header)
     print("-" * len(header))
@@ -433,7 +460,9 @@ def main() -> None:
             b, u = batched[(case.key, concurrency)], unbatched[(case.key, concurrency)]
             wins = sum(x > y for x, y in zip(b.throughputs, u.throughputs, strict=True))
             m = baseline.get((case.key, concurrency))
-            versus = f"{m.throughput:12.1f}{b.throughput / m.throughput:11.1f}x" if m else ""
+            versus = f"{m.throughput:12.1f}{b.throughput / m.throughput:11.1f}x" if m else f"{'':24}"
+            e = floor.get((case.key, concurrency))
+            versus += f"{e.throughput:9.1f}{b.throughput / e.throughput:9.0%}" if e else ""
             print(
                 f"{case.label:26}{concurrency:>5}{b.throughput:11.1f}{b.latency_text()}"
                 f"{u.throughput:13.1f}{u.latency_text()}{b.throughput / u.throughput:9.2f}x"

@@ -1,4 +1,4 @@
-"""The transport's own floor: a grpc.aio server (on uvloop, as lrnserve) that answers every
+"""The transport's limit: a grpc.aio server (on uvloop, as lrnserve) that answers every
 ModelInfer with a canned response as large as the request, without reading it.
 
 bench/serve.py runs it beside lrnserve for the lrn cases: no Python server speaking this
@@ -24,10 +24,11 @@ MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
 
 def canned_response(request_bytes: int) -> bytes:
-    """A ModelInferResponse carrying one raw output about as large as the request."""
+    """A well-formed ModelInferResponse whose FP32 output is about as large as the request."""
+    elements = max(1, (request_bytes - 64) // 4)
     response = pb.ModelInferResponse(model_name="lrn", model_version="1")
-    response.outputs.add(name="output", datatype="FP32", shape=[1])
-    response.raw_output_contents.append(bytes(max(0, request_bytes - 64)))
+    response.outputs.add(name="output", datatype="FP32", shape=[elements])
+    response.raw_output_contents.append(bytes(4 * elements))
     return response.SerializeToString()
 
 

@@ -17,7 +17,8 @@ Prometheus metrics on and off.
 The baseline the issue names, Seldon's MLServer with adaptive batching serving
 torch's stock LRN, runs beside them in the same repetitions for the lrn cases
 (set it up once with ``bash bench/mlserver_baseline/setup.sh``; ``--no-mlserver``
-skips it).
+skips it), and so does the transport's limit: bench/grpc_echo.py, which answers
+without reading the request (``--no-echo`` skips it).
 
 BENCH_DELAY_US=N overrides max_queue_delay_us of the batching server;
 --instances/--threads set the models' instance layout (default: the server's
@@ -158,7 +159,7 @@ def server(max_batch_size: int, metrics: bool = True) -> Iterator[str]:
 
 @contextmanager
 def echo_server() -> Iterator[str]:
-    """bench/grpc_echo.py in a child process: the transport's floor."""
+    """bench/grpc_echo.py in a child process: the most any grpc.aio server answers here."""
     script = Path(__file__).resolve().parent / "grpc_echo.py"
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     try:
@@ -236,15 +237,12 @@ Runs = dict[Variant, dict[tuple[str, int], list["Cell"]]]
 
 
 def measure_cell(target: str, variant: Variant, case: Case, concurrency: int, duration: float) -> Cell:
-    if variant.baseline:  # no ModelStatistics there: batches are not known
-        cell = Cell(run_load(target, request_for(case), concurrency, duration, warmup=1.0), {})
-    else:
-        before = batch_counts(target, case.model)
-        result = run_load(target, request_for(case), concurrency, duration, warmup=1.0)
-        after = batch_counts(target, case.model)
-        formed = {size: after[size] - before.get(size, 0) for size in after if after[size] > before.get(size, 0)}
-        cell = Cell(result, formed)
-    result = cell.result
+    counts = (lambda: {}) if variant.baseline else (lambda: batch_counts(target, case.model))  # baselines: unknown
+    before = counts()
+    result = run_load(target, request_for(case), concurrency, duration, warmup=1.0)
+    after = counts()
+    formed = {size: after[size] - before.get(size, 0) for size in after if after[size] > before.get(size, 0)}
+    cell = Cell(result, formed)
     print(
         f"  {variant.label:21} {case.label:24} c={concurrency:<3} {result.throughput:9.1f}/s  "
         f"p50 {result.latency(50) * 1e3:7.2f} ms  mean batch {cell.mean_batch:5.1f}  errors {dict(result.errors)}",
@@ -340,10 +338,9 @@ def in_process_seconds(case: Case, batch: int, instances: int, threads: int, rep
 NETWORKS: dict[str, torch.nn.Module] = {}
 
 
-def ceiling(case: Case, batches: dict[int, int], instances: int = 1, threads: int = 0) -> float:
+def ceiling(case: Case, batches: dict[int, int], instances: int, threads: int) -> float:
     """Samples/s of the in-process model running exactly the batches the server ran, with the
     server's instance layout."""
-    threads = threads or torch.get_num_threads()
     samples = sum(size * count for size, count in batches.items())
     seconds = sum(count * in_process_seconds(case, size, instances, threads) for size, count in batches.items())
     return samples / seconds if seconds else float("nan")
@@ -415,7 +412,7 @@ def main() -> None:
     parser.add_argument(
         "--no-mlserver", action="store_true", help="skip the MLServer baseline (bench/mlserver_baseline/setup.sh)"
     )
-    parser.add_argument("--no-echo", action="store_true", help="skip the gRPC echo floor (bench/grpc_echo.py)")
+    parser.add_argument("--no-echo", action="store_true", help="skip the gRPC echo limit (bench/grpc_echo.py)")
     args = parser.parse_args()
     global LAYOUT
     LAYOUT = Layout(args.instances, args.threads)
@@ -433,7 +430,7 @@ def main() -> None:
     batched = {key: Summary.of(cells) for key, cells in runs[BATCHED].items()}
     unbatched = {key: Summary.of(cells) for key, cells in runs[UNBATCHED].items()}
     baseline = {key: Summary.of(cells) for key, cells in runs.get(MLSERVER, {}).items()}
-    floor = {key: Summary.of(cells) for key, cells in runs.get(ECHO, {}).items()}
+    echo = {key: Summary.of(cells) for key, cells in runs.get(ECHO, {}).items()}
     overhead: dict[str, tuple[float, float]] = {}
     if not args.skip_metrics_overhead:
         top = max(concurrencies)
@@ -461,7 +458,7 @@ def main() -> None:
             wins = sum(x > y for x, y in zip(b.throughputs, u.throughputs, strict=True))
             m = baseline.get((case.key, concurrency))
             versus = f"{m.throughput:12.1f}{b.throughput / m.throughput:11.1f}x" if m else f"{'':24}"
-            e = floor.get((case.key, concurrency))
+            e = echo.get((case.key, concurrency))
             versus += f"{e.throughput:9.1f}{b.throughput / e.throughput:9.0%}" if e else ""
             print(
                 f"{case.label:26}{concurrency:>5}{b.throughput:11.1f}{b.latency_text()}"

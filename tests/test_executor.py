@@ -54,8 +54,8 @@ class Recording(LRNServable):
 
 def test_instances_run_side_by_side_each_with_its_own_thread_count() -> None:
     servable = Recording(together=2)
-    executor = Executor(servable, CPU, instances=2, threads=1)
     before = torch.get_num_threads()
+    executor = Executor(servable, CPU, instances=2, threads=1)
 
     async def two_batches() -> list[object]:
         loop = asyncio.get_running_loop()

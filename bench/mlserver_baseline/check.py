@@ -1,11 +1,10 @@
-"""Checks the MLServer baseline end to end and, with --duration, measures it.
+"""Checks that the MLServer baseline computes what it is said to (bench/serve.py measures it).
 
 Starts it (server.py), sends one request per shape as bench/serve.py builds them, compares the
 answer with torch.nn.functional.local_response_norm to 1e-5 and says whether MLServer answered in
-raw_output_contents or in typed contents; then, with --duration S, drives closed-loop load with
-lrnserve's load generator at --concurrency.
+raw_output_contents or in typed contents. Exit status 1 on a wrong answer.
 
-    .venv/bin/python bench/mlserver_baseline/check.py [--shapes 1,16,8,8 1,96,55,55] [--duration 3]
+    .venv/bin/python bench/mlserver_baseline/check.py [--shapes 1,16,8,8 1,96,55,55]
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/, as for bench/serve.py
 from mlserver_baseline.server import mlserver
 
-from lrnserve.client.loadgen import run_load
 from lrnserve.client.pb import grpc_predict_v2_pb2 as pb
 from lrnserve.client.pb import grpc_predict_v2_pb2_grpc as pb_grpc
 
@@ -49,8 +47,6 @@ def output_of(response: pb.ModelInferResponse) -> tuple[np.ndarray, str]:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", nargs="+", default=["1,16,8,8", "1,96,55,55"])
-    parser.add_argument("--duration", type=float, default=0.0, help="seconds of load per shape (0: none)")
-    parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--parallel-workers", type=int, default=1, help="MLServer's parallel_workers (default: 1)")
     parser.add_argument("--log", type=Path, default=None, help="keep MLServer's output in this file")
     args = parser.parse_args()
@@ -67,14 +63,6 @@ def main() -> int:
                 print(f"{list(shape)}: output shape {list(y.shape)} in {layout}, max |diff| {err:.2e}", flush=True)
                 if y.shape != want.shape or err > 1e-5:
                     return 1
-        for shape in shapes if args.duration > 0 else []:
-            request, _ = request_for(shape)
-            result = run_load(target, request, args.concurrency, args.duration)
-            print(
-                f"{list(shape)} c={args.concurrency}: {result.throughput:.1f}/s  "
-                f"p50 {result.latency(50) * 1e3:.2f} ms  errors {dict(result.errors)}",
-                flush=True,
-            )
     return 0
 
 

@@ -126,8 +126,8 @@ class Executor:
         self._set_up = threading.Semaphore(0)
         for thread in self._threads:
             thread.start()
-        for _ in self._threads:
-            self._set_up.acquire(timeout=30)
+        for _ in self._threads:  # each instance has its own count before the default is put back
+            self._set_up.acquire()
         if self.device.type == "cpu":
             # torch.set_num_threads also sets the count that threads started later begin with;
             # give those (other models' instances, loaders) the process default back.

@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from mlserver_baseline.server import mlserver
 
-from lrnserve.client._allocator import DEFAULT_CACHE_BYTES, keep_freed_memory
+from lrnserve.client.allocator import DEFAULT_CACHE_BYTES, keep_freed_memory
 from lrnserve.client.loadgen import LoadResult, run_load
 from lrnserve.client.pb import grpc_predict_v2_pb2 as pb
 from lrnserve.client.pb import grpc_predict_v2_pb2_grpc as pb_grpc

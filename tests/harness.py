@@ -33,7 +33,8 @@ from lrnserve.client.pb import grpc_predict_v2_pb2_grpc as pb_grpc
 from lrnserve.client.pb import health_pb2, health_pb2_grpc
 from lrnserve.server import eventloop
 from lrnserve.server.app import LrnServer
-from lrnserve.server.servables import LRNServable
+from lrnserve.server.repository import ServableFactory
+from lrnserve.server.servables import LRNServable, Servable, create_servable
 from lrnserve.server.settings import BatchingPolicy, ModelConfig, ServerSettings
 
 T = TypeVar("T")
@@ -53,10 +54,11 @@ def lrn_model(name: str = "lrn", **batching: int) -> ModelConfig:
 
 
 class ServerThread:
-    """An in-process LrnServer on its own event loop thread."""
+    """An in-process LrnServer on its own event loop thread; ``servables`` makes its models
+    (default: the server's own factory)."""
 
-    def __init__(self, server_settings: ServerSettings) -> None:
-        self.server = LrnServer(server_settings)
+    def __init__(self, server_settings: ServerSettings, servables: ServableFactory = create_servable) -> None:
+        self.server = LrnServer(server_settings, servables=servables)
         self.loop = eventloop.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="test-server", daemon=True)
 
@@ -203,21 +205,24 @@ def metric_value(text: str, name: str, **labels: str) -> float | None:
 
 
 class GatedLRN(LRNServable):
-    """The LRN model, but each batch waits for ``gate`` and is recorded (FP32 requests)."""
+    """The LRN model, but each batch waits for ``gate`` and is recorded (FP32 requests); it
+    fails batches of the modes in ``fail_modes``, or every batch with ``failure`` when set."""
 
-    def __init__(self, inner: LRNServable) -> None:
-        super().__init__(inner.config)
-        self.__dict__.update({k: v for k, v in vars(inner).items() if k in ("device", "_kernel", "threads")})
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
         self.gate = threading.Event()
         self.gate.set()
         self.started = threading.Event()
         self.batches: list[list[float]] = []  # per batch: the fill value of each sample
         self.fail_modes: set[str] = set()
+        self.failure: Exception | None = None
 
     def _enter(self, group: object, first_values: list[float]) -> None:
         self.started.set()
         assert self.gate.wait(timeout=30), "test gate never opened"
         self.batches.append(first_values)
+        if self.failure is not None:
+            raise self.failure
         mode, _ = group  # type: ignore[misc]
         if mode in self.fail_modes:
             raise RuntimeError(f"model failure in mode {mode}")
@@ -239,10 +244,26 @@ class GatedLRN(LRNServable):
         return super().run_raw(group, parts, shape, dtype, scalars)
 
 
-def gate_model(running: ServerThread, name: str = "lrn") -> GatedLRN:
-    """Swap a running LRN model's computation for a gated, recording one."""
-    model = running.server.repository.get(name)
-    assert model.batcher is not None
-    gated = GatedLRN(model.batcher.executor.servable)  # type: ignore[arg-type]
-    model.batcher.executor.servable = gated
-    return gated
+class Probes:
+    """A servable factory for the server: LRN models become ``probe`` (a GatedLRN), the rest are
+    the server's own; ``probes[name]`` is the servable made for a model."""
+
+    def __init__(self, probe: type[GatedLRN] = GatedLRN) -> None:
+        self.probe = probe
+        self.made: dict[str, Servable] = {}
+
+    def __call__(self, config: ModelConfig) -> Servable:
+        servable = self.probe(config) if config.kind == "lrn" else create_servable(config)
+        self.made[config.name] = servable
+        return servable
+
+    def __getitem__(self, name: str) -> GatedLRN:
+        servable = self.made[name]
+        assert isinstance(servable, GatedLRN)
+        return servable
+
+
+def gated_server(server_settings: ServerSettings, probe: type[GatedLRN] = GatedLRN) -> tuple[ServerThread, Probes]:
+    """A server whose LRN models are gated probes (not started: use it as a context manager)."""
+    probes = Probes(probe)
+    return ServerThread(server_settings, servables=probes), probes

@@ -23,7 +23,7 @@ def run(code: str) -> str:
 
 @pytest.mark.skipif(not GLIBC, reason="glibc's mallopt")
 def test_glibc_accepts_the_setting_and_zero_leaves_it_alone() -> None:
-    code = "from lrnserve.client._allocator import keep_freed_memory as k\nprint(k(256 << 20), k(1 << 40), k(0), k(-1))"
+    code = "from lrnserve.client.allocator import keep_freed_memory as k\nprint(k(256 << 20), k(1 << 40), k(0), k(-1))"
     assert run(code) == "True True False False"
 
 

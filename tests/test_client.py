@@ -277,7 +277,7 @@ def test_round_robin_over_two_servers() -> None:
 
 def test_public_api_is_exactly_all() -> None:
     public = {name for name in dir(client_module) if not name.startswith("_")} | {"__version__"}
-    modules = {"cli", "datatypes", "loadgen", "pb"}  # public submodules
+    modules = {"allocator", "cli", "datatypes", "loadgen", "pb", "protocol", "version"}  # public submodules
     assert set(client_module.__all__) == public - modules
     assert client_module.__all__ == sorted(client_module.__all__, key=lambda n: (not n.isupper(), n))
     for name in client_module.__all__:

@@ -23,7 +23,7 @@ from ._errors import (
     Unimplemented,
 )
 from ._types import ModelMetadata, ModelStatistics, ServerMetadata, TensorMetadata
-from ._version import __version__
+from .version import __version__
 
 __all__ = [
     "TLS",

@@ -1,35 +1,32 @@
-"""What Client and AsyncClient share: settings, channel set-up, and every operation as data.
+"""What Client and AsyncClient share: settings, channel set-up, retries, and every operation as data.
 
 Each public method is an ``Operation``: which RPC to call, the request message,
 and how to turn the reply into the return value. The two clients differ only
-in how they run an operation (blocking or awaiting) and sleep between retries.
+in how they run an operation (blocking or awaiting) and sleep between retries;
+``Attempts`` decides everything else about a call's retries and deadline.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
 
-from ._config import (
-    DEFAULT_MAX_MESSAGE_BYTES,
-    TLS,
-    Retry,
-    channel_options,
-    channel_target,
-    compression_of,
-    retry_policy,
-)
+from ._config import TLS, Retry, channel_options, channel_target, compression_of, retry_policy
+from ._errors import DeadlineExceeded, error_from_rpc
 from ._tensors import encode, lrn_parameters
 from ._types import ModelMetadata, ModelStatistics, ServerMetadata
 from .pb import grpc_predict_v2_pb2 as pb
 from .pb import health_pb2
+from .protocol import DEFAULT_MAX_MESSAGE_BYTES, method
 
 T = TypeVar("T")
+Call = TypeVar("Call")  # what the channel makes of a method: grpc's or grpc.aio's UnaryUnaryMultiCallable
+Call_co = TypeVar("Call_co", covariant=True)
 
-SERVICE = "/inference.GRPCInferenceService/"
 HEALTH = "/grpc.health.v1.Health/Check"
 
 
@@ -41,7 +38,51 @@ class Operation(Generic[T]):
     result: Callable[[Any], T]
 
 
-class BaseClient:
+class Channel(Protocol[Call_co]):
+    """What BaseClient needs of a channel; grpc.Channel and grpc.aio.Channel both are one."""
+
+    def unary_unary(
+        self,
+        method: str,
+        request_serializer: Callable[[Any], bytes] | None = ...,
+        response_deserializer: Callable[[bytes], Any] | None = ...,
+    ) -> Call_co: ...
+
+
+class Attempts:
+    """One call's attempts: the time left before its deadline, and whether a failure is retried.
+
+    Blocking and awaited calls share it, so both retry and give up in exactly the same way."""
+
+    def __init__(self, retry: Retry, timeout: float | None) -> None:
+        self.retry = retry
+        self.timeout = timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.delays = retry.delays()
+
+    def remaining(self) -> float | None:
+        """The timeout for the next attempt (None: no deadline); DeadlineExceeded when no time is left."""
+        if self.deadline is None:
+            return None
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceeded(f"deadline of {self.timeout}s passed before the call could be made")
+        return remaining
+
+    def backoff(self, exc: grpc.RpcError) -> float:
+        """How long to sleep before retrying after ``exc``; raises its LrnserveError when the call is
+        not retried (a status not to retry, no attempts left, or the sleep would pass the deadline)."""
+        delay = next(self.delays, None) if self.retry.retryable(exc.code()) else None
+        if delay is None or (self.deadline is not None and time.monotonic() + delay >= self.deadline):
+            raise error_from_rpc(exc) from exc
+        return delay
+
+
+class BaseClient(Generic[Call]):
+    """``Call`` is the multi-callable type of the subclass's channel (blocking or asyncio)."""
+
+    _channel: Channel[Call]
+
     def __init__(
         self,
         target: str | Sequence[str],
@@ -66,27 +107,39 @@ class BaseClient:
         self.compression = compression_of(compression)
         self._call_metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
         self.options = channel_options(max_message_bytes, tls)
+        self._callables: dict[str, Call] = {}
 
     def _credentials(self) -> grpc.ChannelCredentials | None:
         return self.tls.credentials() if self.tls is not None else None
 
-    def _timeout(self, timeout: float | None) -> float | None:
-        return self.timeout if timeout is None else timeout
+    def _attempts(self, timeout: float | None) -> Attempts:
+        """The attempts of one call, with this client's default timeout unless the call gives one."""
+        return Attempts(self.retry, self.timeout if timeout is None else timeout)
+
+    def _callable(self, op: Operation[Any]) -> Call:
+        """The channel's callable for ``op``'s method, made once per method and reused."""
+        call = self._callables.get(op.method)
+        if call is None:
+            call = self._channel.unary_unary(
+                op.method,
+                request_serializer=type(op.request).SerializeToString,
+                response_deserializer=op.response_type.FromString,
+            )
+            self._callables[op.method] = call
+        return call
 
     # ---- operations ----
 
     @staticmethod
     def _live() -> Operation[bool]:
-        return Operation(SERVICE + "ServerLive", pb.ServerLiveRequest(), pb.ServerLiveResponse, lambda r: r.live)
+        return Operation(method("ServerLive"), pb.ServerLiveRequest(), pb.ServerLiveResponse, lambda r: r.live)
 
     @staticmethod
     def _ready(model: str | None) -> Operation[bool]:
         if model is None:
-            return Operation(
-                SERVICE + "ServerReady", pb.ServerReadyRequest(), pb.ServerReadyResponse, lambda r: r.ready
-            )
+            return Operation(method("ServerReady"), pb.ServerReadyRequest(), pb.ServerReadyResponse, lambda r: r.ready)
         return Operation(
-            SERVICE + "ModelReady", pb.ModelReadyRequest(name=model), pb.ModelReadyResponse, lambda r: r.ready
+            method("ModelReady"), pb.ModelReadyRequest(name=model), pb.ModelReadyResponse, lambda r: r.ready
         )
 
     @staticmethod
@@ -102,13 +155,13 @@ class BaseClient:
     @staticmethod
     def _server_metadata() -> Operation[ServerMetadata]:
         return Operation(
-            SERVICE + "ServerMetadata", pb.ServerMetadataRequest(), pb.ServerMetadataResponse, ServerMetadata.from_proto
+            method("ServerMetadata"), pb.ServerMetadataRequest(), pb.ServerMetadataResponse, ServerMetadata.from_proto
         )
 
     @staticmethod
     def _metadata(model: str) -> Operation[ModelMetadata]:
         return Operation(
-            SERVICE + "ModelMetadata",
+            method("ModelMetadata"),
             pb.ModelMetadataRequest(name=model),
             pb.ModelMetadataResponse,
             ModelMetadata.from_proto,
@@ -120,13 +173,13 @@ class BaseClient:
             return ModelStatistics.from_proto(response.model_stats[0])
 
         return Operation(
-            SERVICE + "ModelStatistics", pb.ModelStatisticsRequest(name=model), pb.ModelStatisticsResponse, first
+            method("ModelStatistics"), pb.ModelStatisticsRequest(name=model), pb.ModelStatisticsResponse, first
         )
 
     @staticmethod
     def _infer(model: str, x: Any, parameters: dict[str, Any]) -> Operation[Any]:
         request, decoder = encode(model, x, parameters)
-        return Operation(SERVICE + "ModelInfer", request, pb.ModelInferResponse, decoder.decode)
+        return Operation(method("ModelInfer"), request, pb.ModelInferResponse, decoder.decode)
 
     @classmethod
     def _lrn(

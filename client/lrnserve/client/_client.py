@@ -9,13 +9,13 @@ from typing import Any, TypeVar
 import grpc
 
 from ._base import BaseClient, Operation
-from ._errors import DeadlineExceeded, error_from_rpc
+from ._config import open_channel
 from ._types import ModelMetadata, ModelStatistics, ServerMetadata
 
 T = TypeVar("T")
 
 
-class Client(BaseClient):
+class Client(BaseClient["grpc.UnaryUnaryMultiCallable[Any, Any]"]):  # quoted: grpc's class is not generic at run time
     """A blocking client for lrnserve (any Open Inference Protocol v2 gRPC server).
 
     >>> with Client("localhost:8001", timeout=10) as client:
@@ -24,14 +24,9 @@ class Client(BaseClient):
 
     def __init__(self, target: Any, **options: Any) -> None:
         super().__init__(target, **options)
-        credentials = self._credentials()
-        if credentials is None:
-            self._channel = grpc.insecure_channel(self.target, options=self.options, compression=self.compression)
-        else:
-            self._channel = grpc.secure_channel(
-                self.target, credentials, options=self.options, compression=self.compression
-            )
-        self._callables: dict[str, grpc.UnaryUnaryMultiCallable[Any, Any]] = {}
+        self._channel: grpc.Channel = open_channel(
+            self.target, self.options, self._credentials(), self.compression, aio=False
+        )
 
     def __enter__(self) -> Client:
         return self
@@ -42,33 +37,14 @@ class Client(BaseClient):
     def close(self) -> None:
         self._channel.close()
 
-    def _callable(self, op: Operation[Any]) -> grpc.UnaryUnaryMultiCallable[Any, Any]:
-        call = self._callables.get(op.method)
-        if call is None:
-            call = self._channel.unary_unary(
-                op.method,
-                request_serializer=type(op.request).SerializeToString,
-                response_deserializer=op.response_type.FromString,
-            )
-            self._callables[op.method] = call
-        return call
-
     def _run(self, op: Operation[T], timeout: float | None) -> T:
-        timeout = self._timeout(timeout)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        delays = self.retry.delays()
-        call = self._callable(op)
+        """``op`` to its result; Attempts decides retries and deadline, this only blocks and sleeps."""
+        call, attempts = self._callable(op), self._attempts(timeout)
         while True:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise DeadlineExceeded(f"deadline of {timeout}s passed before the call could be made")
             try:
-                return op.result(call(op.request, timeout=remaining, metadata=self._call_metadata))
+                return op.result(call(op.request, timeout=attempts.remaining(), metadata=self._call_metadata))
             except grpc.RpcError as exc:
-                delay = next(delays, None) if self.retry.retryable(exc.code()) else None
-                if delay is None or (deadline is not None and time.monotonic() + delay >= deadline):
-                    raise error_from_rpc(exc) from exc
-                time.sleep(delay)
+                time.sleep(attempts.backoff(exc))
 
     # ---- the API ----
 

@@ -8,10 +8,10 @@ import socket
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, overload
 
 import grpc
 
-DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 PemSource = str | Path | bytes
 
 
@@ -137,3 +137,31 @@ def compression_of(name: str | None) -> grpc.Compression:
     if name not in COMPRESSION:
         raise ValueError(f"compression must be None, 'gzip' or 'deflate', got {name!r}")
     return COMPRESSION[name]
+
+
+Options = Sequence[tuple[str, object]]  # gRPC channel arguments
+Credentials = grpc.ChannelCredentials | None  # None: plaintext
+Compression = grpc.Compression | None
+
+
+@overload
+def open_channel(
+    target: str, options: Options, credentials: Credentials, compression: Compression = None, *, aio: Literal[False]
+) -> grpc.Channel: ...
+@overload
+def open_channel(
+    target: str, options: Options, credentials: Credentials, compression: Compression = None, *, aio: Literal[True]
+) -> grpc.aio.Channel: ...
+def open_channel(
+    target: str, options: Options, credentials: Credentials, compression: Compression = None, *, aio: bool
+) -> grpc.Channel | grpc.aio.Channel:
+    """A blocking (``aio=False``) or asyncio channel: TLS when given ``credentials``, plaintext without.
+
+    The one place that picks between gRPC's four channel constructors, for both clients and the load generator."""
+    if aio:
+        if credentials is None:
+            return grpc.aio.insecure_channel(target, options, compression)
+        return grpc.aio.secure_channel(target, credentials, options, compression)
+    if credentials is None:
+        return grpc.insecure_channel(target, options, compression)
+    return grpc.secure_channel(target, credentials, options, compression)

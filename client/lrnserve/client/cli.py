@@ -19,11 +19,11 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from ._allocator import DEFAULT_CACHE_BYTES, keep_freed_memory
 from ._client import Client
 from ._config import TLS
 from ._errors import LrnserveError
 from ._tensors import encode
+from .allocator import DEFAULT_CACHE_BYTES, keep_freed_memory
 from .datatypes import DATATYPES
 from .loadgen import LoadResult, run_load
 
@@ -113,9 +113,10 @@ def connection(args: argparse.Namespace) -> dict[str, Any]:
 # ---- commands ----
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def cmd_serve(argv: Sequence[str]) -> int:
+    """Hand the arguments to the server package, which owns the ``serve`` flags."""
     try:
-        from lrnserve.server.cli import serve
+        from lrnserve.server.cli import main as serve_main
     except ImportError as exc:
         print(
             f"lrnserve serve: the server is not installed ({exc.name} is missing). "
@@ -123,7 +124,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    return serve(args)
+    return serve_main(argv)
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
@@ -230,33 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
-    serve = commands.add_parser(
-        "serve",
-        help="run the inference server",
-        description="Run the gRPC inference server. Without --config it serves the embedded models "
-        "lrn, alexnet, caffenet, googlenet, cifar10_full and zfnet512. Settings: flags > LRNSERVE_* "
-        "environment variables > config file > defaults. SIGTERM/SIGINT drain and exit 0.",
-    )
-    serve.add_argument("--config", metavar="FILE", help="TOML config: [server] settings and [models.NAME] tables")
-    serve.add_argument("--host", help="address to bind (default 0.0.0.0)")
-    serve.add_argument("--grpc-port", type=int, metavar="PORT", help="gRPC port (default 8001; 0 = any free port)")
-    serve.add_argument(
-        "--metrics-port", type=int, metavar="PORT", help="Prometheus metrics port (default 8002; 0 = any free port)"
-    )
-    serve.add_argument("--no-metrics", action="store_true", help="do not export Prometheus metrics")
-    serve.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto: CUDA when available)")
-    serve.add_argument("--grace", type=float, metavar="SECONDS", help="drain time on SIGTERM/SIGINT (default 30)")
-    serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="default info")
-    security = serve.add_argument_group("security (TLS is required unless --plaintext is given)")
-    security.add_argument("--tls-cert", metavar="PEM", help="server certificate chain: serve gRPC over TLS")
-    security.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
-    security.add_argument("--tls-client-ca", metavar="PEM", help="require client certificates from this CA (mTLS)")
-    security.add_argument("--metrics-tls", action="store_true", help="serve /metrics over HTTPS too")
-    security.add_argument("--plaintext", action="store_true", help="serve gRPC without TLS")
-    security.add_argument(
-        "--token-file", metavar="FILE", help="require 'authorization: Bearer <token>' (or set $LRNSERVE_TOKEN)"
-    )
-    serve.set_defaults(handler=cmd_serve)
+    # Listed for --help; main() hands everything after "serve" to the server package.
+    commands.add_parser("serve", help="run the inference server (lrnserve serve --help lists its flags)")
 
     infer = commands.add_parser(
         "infer",
@@ -310,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:
+        return cmd_serve(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         code: int = args.handler(args)

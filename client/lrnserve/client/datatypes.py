@@ -2,6 +2,7 @@
 
 Shared by the client (numpy) and the server (torch); torch is named, never imported.
 numpy has no bfloat16, so BF16 travels through numpy as its raw 16-bit pattern.
+Which typed contents field carries a datatype follows from protocol.CONTENTS_FIELDS.
 """
 
 from __future__ import annotations
@@ -10,6 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .protocol import CONTENTS_FIELDS
+
+_FIELD_OF: dict[type[np.generic], str] = {kind: name for name, kind in CONTENTS_FIELDS.items()}
+
 
 @dataclass(frozen=True)
 class DataType:
@@ -17,7 +22,13 @@ class DataType:
     itemsize: int
     numpy: np.dtype | None  # None: no numpy equivalent (BF16)
     torch: str  # attribute name in the torch module
-    contents_field: str | None  # typed InferTensorContents field, if the protocol has one
+
+    @property
+    def contents_field(self) -> str | None:
+        """The typed InferTensorContents field for this type, if the protocol has one (FP16 and BF16 have none).
+
+        Derived from the protocol's table rather than listed here, so the two cannot disagree."""
+        return _FIELD_OF.get(self.numpy.type) if self.numpy is not None else None
 
     @property
     def numpy_storage(self) -> np.dtype:
@@ -28,10 +39,10 @@ class DataType:
 DATATYPES: dict[str, DataType] = {
     d.wire: d
     for d in (
-        DataType("FP32", 4, np.dtype("<f4"), "float32", "fp32_contents"),
-        DataType("FP64", 8, np.dtype("<f8"), "float64", "fp64_contents"),
-        DataType("FP16", 2, np.dtype("<f2"), "float16", None),
-        DataType("BF16", 2, None, "bfloat16", None),
+        DataType("FP32", 4, np.dtype("<f4"), "float32"),
+        DataType("FP64", 8, np.dtype("<f8"), "float64"),
+        DataType("FP16", 2, np.dtype("<f2"), "float16"),
+        DataType("BF16", 2, None, "bfloat16"),
     )
 }
 

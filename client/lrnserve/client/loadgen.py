@@ -17,10 +17,9 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from ._config import open_channel
 from .pb import grpc_predict_v2_pb2 as pb
-
-INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
-DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+from .protocol import DEFAULT_MAX_MESSAGE_BYTES, method
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -84,13 +83,9 @@ async def _run(
         ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
         *channel_options,
     ]
-    if credentials is None:
-        channel = grpc.aio.insecure_channel(target, options=options)
-    else:
-        channel = grpc.aio.secure_channel(target, credentials, options=options)
-    async with channel:
+    async with open_channel(target, options, credentials, aio=True) as channel:
         # bytes in, bytes out: no (de)serialization
-        call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(INFER_METHOD)
+        call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(method("ModelInfer"))
         result = LoadResult(concurrency, 0.0)
         start = time.perf_counter()
         measure_from = start + warmup

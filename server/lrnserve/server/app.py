@@ -9,7 +9,6 @@ closes.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import threading
 import time
@@ -22,11 +21,11 @@ from prometheus_client import CollectorRegistry, start_http_server
 from lrnserve.client.pb import grpc_predict_v2_pb2 as pb
 from lrnserve.client.pb import health_pb2, health_pb2_grpc
 
-from .dataplane import DataPlane, Limits
+from .dataplane import DataPlane
 from .metrics import Metrics
-from .repository import ModelRepository, ServedModel
+from .repository import ModelRepository, ServableFactory, resolve_devices
+from .servables import create_servable
 from .settings import ServerSettings, check_security
-from .statistics import StatisticsStore
 from .telemetry import Telemetry
 from .transport.auth import TokenAuth
 from .transport.health import HealthService
@@ -70,35 +69,36 @@ def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | Non
 
 
 class LrnServer:
-    """One server process: gRPC inference + health + reflection over a model repository."""
+    """One server process: gRPC inference + health + reflection over a model repository.
 
-    def __init__(self, settings: ServerSettings, registry: CollectorRegistry | None = None) -> None:
+    Built bottom-up, each part handed to the one above it: telemetry, the repository (models
+    made by ``servables``), the data plane, then the transport in ``start``.
+    """
+
+    def __init__(
+        self,
+        settings: ServerSettings,
+        registry: CollectorRegistry | None = None,
+        servables: ServableFactory = create_servable,
+    ) -> None:
         # The same rules as for loaded settings, also for ones built in code: TLS or plaintext
         # explicitly, usable TLS file combinations, the token read.
         settings = check_security(settings)
         self.settings = settings
-        self.repository = ModelRepository(
-            settings,
-            on_batch=lambda name: functools.partial(self.telemetry.batch_finished, name),
-            on_loaded=self._loaded,
-        )
-        names = self.repository.names()
+        devices = resolve_devices(settings.models, settings.device)
+        names = [m.name for m in settings.models]
         self.registry = registry or CollectorRegistry()
         metrics = None
         if settings.metrics_enabled:
             metrics = Metrics(
                 self.registry,
-                models={m.name: str(m.device) for m in self.repository.models()},
+                models=devices,
                 queue_capacity={m.name: m.batching.max_queue_size for m in settings.models},
                 max_batch_size=max(m.batching.max_batch_size for m in settings.models),
-                queue_depths=lambda: [
-                    (m.name, m.batcher.queue_depth if m.batcher else 0) for m in self.repository.models()
-                ],
-                devices=lambda: [m.device for m in self.repository.models()],
             )
-        statistics = StatisticsStore(names)
-        self.telemetry = Telemetry(names, statistics, metrics)
-        self.dataplane = DataPlane(self.repository, statistics, Limits.of(settings))
+        self.telemetry = Telemetry(names, metrics)
+        self.repository = ModelRepository(settings.models, devices, self.telemetry, servables)
+        self.dataplane = DataPlane(self.repository, self.telemetry, settings)
         self.health = HealthService([INFERENCE_SERVICE, *names])
         self.grpc_port = 0
         self.metrics_port: int | None = None
@@ -106,9 +106,6 @@ class LrnServer:
         self._metrics_http: tuple[WSGIServer, threading.Thread] | None = None
         self._stopped = asyncio.Event()
         self.drained = True
-
-    def _loaded(self, model: ServedModel) -> None:
-        self.telemetry.model_loaded(model.name, model.load_seconds)
 
     @property
     def address(self) -> str:
@@ -121,8 +118,7 @@ class LrnServer:
         if self.settings.token is not None:
             interceptors.append(TokenAuth(self.settings.token.reveal(), self.telemetry.auth_rejected))
         server = grpc.aio.server(interceptors=interceptors, options=grpc_options(self.settings))
-        guarded = Guarded(InferenceService(self.dataplane), self.telemetry)
-        add_inference_service(server, guarded)
+        add_inference_service(server, Guarded(InferenceService(self.dataplane)))
         health_pb2_grpc.add_HealthServicer_to_server(Guarded(self.health), server)  # type: ignore[arg-type]
         reflection.enable_server_reflection((INFERENCE_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
         bind = f"{self.settings.host}:{self.settings.grpc_port}"

@@ -34,8 +34,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .errors import DeadlineExceeded, ResourceExhausted, ServingError, Unavailable
-from .executor import BatchResult, Executor, Output, Work
 from .settings import BatchingPolicy
+from .work import BatchObserver, BatchRecord, BatchResult, Output, Runner, Work
 
 logger = logging.getLogger(__name__)
 
@@ -51,20 +51,6 @@ class Pending:
     enqueued: float  # time.monotonic()
     deadline: float | None  # time.monotonic() by which compute must start
     dequeued: float = field(default=0.0)
-
-
-@dataclass(frozen=True)
-class BatchRecord:
-    """What happened to one executed batch (for metrics and statistics)."""
-
-    samples: int
-    requests: int
-    compute_seconds: float
-    queue_seconds: tuple[float, ...]
-    failed: bool
-
-
-BatchListener = Callable[[BatchRecord], None]
 
 
 PEAK_WINDOW_SECONDS = 0.5
@@ -97,19 +83,27 @@ class _WindowMax:
 
 
 class Batcher:
+    """One model's queue: ``submit`` a validated request and await its output.
+
+    Contract: ``start`` on the event loop before the first ``submit``; everything else runs on
+    that loop too. ``runner`` computes the batches (``instances`` at once); ``observer`` hears of
+    every finished batch and every change of the queue's depth.
+    """
+
     def __init__(
         self,
         name: str,
-        executor: Executor,
+        runner: Runner,
         policy: BatchingPolicy,
-        on_batch: BatchListener | None = None,
+        observer: BatchObserver | None = None,
     ) -> None:
         self.name = name
-        self.executor = executor
         self.policy = policy
-        self._on_batch = on_batch
+        self._runner = runner
+        self._observer = observer
+        self._reported_depth = 0
         self._queue: deque[Pending] = deque()
-        self._free = executor.instances  # instances not computing a batch
+        self._free = runner.instances  # instances not computing a batch
         self._running = 0  # batches being computed
         self._loop: asyncio.AbstractEventLoop | None = None
         self._dispatch_scheduled = False
@@ -149,7 +143,7 @@ class Batcher:
         pending = Pending(work, future, time.monotonic(), deadline)
         self._queue.append(pending)
         self._concurrency.observe(len(self._queue) + self._computing, pending.enqueued)
-        self._idle.clear()
+        self._update_idle()
         self._schedule_dispatch()
         timer = None
         if deadline is not None:
@@ -278,7 +272,7 @@ class Batcher:
         self._running += 1
         self._computing += len(batch)
         self._quiet.clear()
-        self.executor.submit([p.work for p in batch], functools.partial(self._finished, batch))
+        self._runner.submit([p.work for p in batch], functools.partial(self._finished, batch))
 
     def _finished(self, batch: list[Pending], result: BatchResult | BaseException) -> None:
         """A batch came back from its instance (on the event loop)."""
@@ -304,8 +298,8 @@ class Batcher:
         if self._queue:
             self._schedule_dispatch()
         self._update_idle()
-        if self._on_batch is not None:
-            self._on_batch(record)
+        if self._observer is not None:
+            self._observer.batch_finished(record)
 
     def _drop_dead(self) -> None:
         """Forget cancelled requests; fail expired ones (their timers may not have fired yet)."""
@@ -323,15 +317,20 @@ class Batcher:
         return True
 
     def _update_idle(self) -> None:
+        """After every change of the queue: the idle event, and the depth for the observer."""
         if not self._queue and not self._running:
             self._idle.set()
         else:
             self._idle.clear()
+        depth = len(self._queue)
+        if depth != self._reported_depth and self._observer is not None:
+            self._reported_depth = depth
+            self._observer.queue_depth(depth)
 
     def _fail(self, batch: list[Pending], exc: BaseException) -> None:
         if isinstance(exc, ServingError):
             logger.warning("model '%s': batch of %d requests failed: %s", self.name, len(batch), exc.message)
-            make: Callable[[], Exception] = lambda: type(exc)(exc.message)  # noqa: E731
+            make: Callable[[], Exception] = exc.copy
         else:
             logger.error("model '%s': batch of %d requests failed", self.name, len(batch), exc_info=exc)
             make = lambda: InternalError(f"model '{self.name}': batch failed")  # noqa: E731

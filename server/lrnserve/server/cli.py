@@ -1,4 +1,9 @@
-"""``lrnserve serve``: run the service until SIGTERM/SIGINT, then drain and exit 0."""
+"""``lrnserve serve``: its flags (made from the settings' declarations), and the process's life:
+run the service until SIGTERM/SIGINT, then drain and exit.
+
+Exit codes: 0 after a complete drain; 2 for a configuration error; 1 when start-up failed;
+``EXIT_DRAIN_CUT_SHORT`` when the grace period ended with requests still queued or running.
+"""
 
 from __future__ import annotations
 
@@ -8,39 +13,64 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
-from lrnserve.client._allocator import keep_freed_memory
+from lrnserve.client.allocator import keep_freed_memory
+from lrnserve.client.cli import Parser
 
 from . import eventloop
 from .app import LrnServer
-from .settings import ConfigError, ServerSettings, load_settings
+from .repository import ServableFactory
+from .schema import ConfigError, Setting
+from .servables import create_servable
+from .settings import KINDS, SERVER_SETTINGS, ServerSettings, load_settings
 
 logger = logging.getLogger("lrnserve")
-EXIT_UNDRAINED = -1  # internal: stopped with work still running
+EXIT_DRAIN_CUT_SHORT = 3
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--config`` and one flag per server setting that has one."""
+    parser.add_argument(
+        "--config", metavar="FILE", help="TOML config: [server] settings and [models.NAME] tables ($LRNSERVE_CONFIG)"
+    )
+    for declared in SERVER_SETTINGS.values():
+        if not declared.flag_names:
+            continue
+        doc = declared.doc if declared.flag_sets is not False else f"do not {declared.doc}"
+        text = f"{doc} (${declared.variable}; default {_default(declared)})"
+        if declared.flag_sets is not None:
+            parser.add_argument(
+                *declared.flag_names, dest=declared.name, action="store_const", const=declared.flag_sets, help=text
+            )
+        else:
+            metavar = declared.name.rsplit("_", 1)[-1].upper()
+            parser.add_argument(*declared.flag_names, dest=declared.name, metavar=metavar, help=text)
+
+
+def _default(declared: Setting) -> str:
+    return "unset" if declared.default is None else str(declared.default).lower()
+
+
+def build_parser(prog: str = "lrnserve serve") -> argparse.ArgumentParser:
+    parser = Parser(
+        prog=prog,
+        description="Run the gRPC inference server. Without --config it serves the embedded models "
+        f"{', '.join(KINDS)}. Settings: flags > LRNSERVE_* environment variables > config file > defaults "
+        "(docs/settings.md). TLS is required unless --plaintext is given. SIGTERM/SIGINT drain and exit 0.",
+    )
+    add_arguments(parser)
+    return parser
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
-    overrides = {
-        "host": args.host,
-        "grpc_port": args.grpc_port,
-        "metrics_port": args.metrics_port,
-        "device": args.device,
-        "grace_seconds": args.grace,
-        "log_level": args.log_level,
-        "metrics_enabled": False if args.no_metrics else None,
-        "tls_cert": args.tls_cert,
-        "tls_key": args.tls_key,
-        "tls_client_ca": args.tls_client_ca,
-        "metrics_tls": True if args.metrics_tls else None,
-        "plaintext": True if args.plaintext else None,
-        "token_file": args.token_file,
-    }
+    overrides = {name: getattr(args, name, None) for name in SERVER_SETTINGS}
     return load_settings(Path(args.config) if args.config else None, os.environ, overrides)
 
 
-async def _serve(settings: ServerSettings) -> int:
-    server = LrnServer(settings)
+async def _serve(settings: ServerSettings, servables: ServableFactory) -> int:
+    server = LrnServer(settings, servables=servables)
     loop = asyncio.get_running_loop()
     stopping: asyncio.Task[bool] | None = None
 
@@ -58,15 +88,11 @@ async def _serve(settings: ServerSettings) -> int:
         logger.error("start-up failed: %s", exc)
         return 1
     await server.wait_stopped()
-    return 0 if server.drained else EXIT_UNDRAINED
+    return 0 if server.drained else EXIT_DRAIN_CUT_SHORT
 
 
-def serve(args: argparse.Namespace) -> int:
-    try:
-        settings = settings_from_args(args)
-    except ConfigError as exc:
-        print(f"lrnserve serve: configuration error: {exc}", file=sys.stderr)
-        return 2
+def serve(settings: ServerSettings, servables: ServableFactory = create_servable) -> int:
+    """Run the server in this process until a signal drains it; returns the exit code."""
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -75,12 +101,26 @@ def serve(args: argparse.Namespace) -> int:
     if keep_freed_memory(settings.allocator_cache_bytes):
         logger.info("C heap keeps up to %d MiB of freed buffers for reuse", settings.allocator_cache_bytes >> 20)
     try:
-        code = eventloop.run(_serve(settings))
+        code = eventloop.run(_serve(settings, servables))
     except ConfigError as exc:
         logger.error("configuration error: %s", exc)
         return 2
-    if code == EXIT_UNDRAINED:
+    if code == EXIT_DRAIN_CUT_SHORT:
         # Batches still computing after the grace period: do not wait for their threads.
         logging.shutdown()
-        os._exit(0)
+        os._exit(EXIT_DRAIN_CUT_SHORT)
     return code
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "lrnserve serve") -> int:
+    args = build_parser(prog).parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except ConfigError as exc:
+        print(f"{prog}: configuration error: {exc}", file=sys.stderr)
+        return 2
+    return serve(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -15,9 +15,16 @@ class ServingError(Exception):
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
         super().__init__(message)
         self.message = message
+        if code is not None:
+            self.code = code
+
+    def copy(self) -> ServingError:
+        """The same status and message as a new exception: one per request when a whole batch
+        fails, since an exception raised in several tasks would share (and grow) one traceback."""
+        return ServingError(self.message, self.code)
 
 
 class NotFound(ServingError):

@@ -33,14 +33,14 @@ import queue
 import threading
 import time
 import warnings
-from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Hashable, Sequence
 
 import numpy as np
 import torch
 
 from .errors import ResourceExhausted, ServingError
 from .servables import Servable
+from .work import BatchResult, Done, Output, Work
 
 logger = logging.getLogger(__name__)
 
@@ -52,44 +52,6 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("out of memory" in str(exc) or "can't allocate memory" in str(exc))
 
 
-@dataclass(frozen=True, slots=True)
-class Work:
-    """One validated request, as the batcher and executor see it."""
-
-    payload: np.ndarray  # the request tensor's bytes (uint8, C order, little-endian)
-    shape: tuple[int, ...]  # N, C, H, W
-    dtype: torch.dtype
-    model_group: Hashable  # what the servable needs to run the batch (e.g. LRN mode, size)
-    scalars: Mapping[str, float]  # per-request values, broadcast per sample
-
-    @property
-    def samples(self) -> int:
-        return self.shape[0]
-
-    @property
-    def group(self) -> Hashable:
-        """Requests with equal groups can be concatenated along dim 0."""
-        return (self.shape[1:], self.dtype, self.model_group)
-
-    def halves(self) -> tuple[Work, Work]:
-        """The first and second half of this request's samples (it has at least two)."""
-        half = self.samples // 2
-        cut = self.payload.size // self.samples * half
-        first = replace(self, payload=self.payload[:cut], shape=(half, *self.shape[1:]))
-        second = replace(self, payload=self.payload[cut:], shape=(self.samples - half, *self.shape[1:]))
-        return first, second
-
-
-Output = bytes | memoryview  # a request's output tensor, C order, little-endian
-
-
-@dataclass(frozen=True, slots=True)
-class BatchResult:
-    outputs: list[Output | ServingError]  # per work item, in order: its output's bytes or its own error
-    compute_seconds: float  # assembly, host-to-device, compute, device-to-host
-
-
-Done = Callable[[BatchResult | BaseException], None]
 _Job = tuple[list[Work], asyncio.AbstractEventLoop, Done]
 
 
@@ -106,8 +68,15 @@ def instance_layout(servable: Servable, device: torch.device, instances: int, th
 
 
 class Executor:
+    """Computes one model's batches on its instance threads (the batcher's ``Runner``).
+
+    Contract: ``submit`` from an event loop thread; ``done`` is called back on that loop with a
+    ``BatchResult`` holding one output or one error per item, or with the exception that failed
+    the whole batch. ``close`` lets the threads end after the batches already submitted.
+    """
+
     def __init__(self, servable: Servable, device: torch.device, instances: int = 0, threads: int = 0) -> None:
-        self.servable = servable
+        self._servable = servable
         self.device = device
         self.instances, self.threads = instance_layout(servable, device, instances, threads)
         servable.threads = self.threads
@@ -166,7 +135,7 @@ class Executor:
             try:
                 loop.call_soon_threadsafe(done, result)
             except RuntimeError:  # the loop closed while this batch ran: nobody waits for it
-                logger.debug("%s: batch finished after its event loop closed", self.servable.name)
+                logger.debug("%s: batch finished after its event loop closed", self._servable.name)
 
     def _run(self, items: list[Work]) -> BatchResult:
         start = time.perf_counter()
@@ -187,13 +156,13 @@ class Executor:
         samples = sum(w.samples for w in items)
         if len(items) > 1:
             half = len(items) // 2
-            logger.warning("%s: out of memory at %d samples; retrying in halves", self.servable.name, samples)
+            logger.warning("%s: out of memory at %d samples; retrying in halves", self._servable.name, samples)
             return self._run_items(items[:half]) + self._run_items(items[half:])
         (work,) = items
         if work.samples == 1:
             return [
                 ResourceExhausted(
-                    f"model '{self.servable.name}': out of {self.device.type} memory for one sample of shape "
+                    f"model '{self._servable.name}': out of {self.device.type} memory for one sample of shape "
                     f"{list(work.shape[1:])}"
                 )
             ]
@@ -204,7 +173,7 @@ class Executor:
         try:
             return [b"".join(parts)]  # type: ignore[arg-type]
         except MemoryError:
-            return [ResourceExhausted(f"model '{self.servable.name}': out of memory joining the output")]
+            return [ResourceExhausted(f"model '{self._servable.name}': out of memory joining the output")]
 
     def _compute(self, items: list[Work]) -> list[Output]:
         first = items[0]
@@ -216,13 +185,13 @@ class Executor:
             y = self._forward_cuda(first.model_group, batch, self._tensors(scalars))
             return self._split(items, shape, y)
         parts = [w.payload for w in items]
-        out = self.servable.run_raw(first.model_group, parts, shape, first.dtype, scalars)
+        out = self._servable.run_raw(first.model_group, parts, shape, first.dtype, scalars)
         if out is not None:
             return self._cut(items, shape, memoryview(out))  # type: ignore[arg-type]
         # One request: its own bytes (models only read their input); several: one copy each.
         raw = first.payload if len(items) == 1 else np.concatenate(parts)
         x = torch.frombuffer(raw, dtype=first.dtype).view(shape)
-        return self._split(items, shape, self.servable.run(first.model_group, x, self._tensors(scalars)))
+        return self._split(items, shape, self._servable.run(first.model_group, x, self._tensors(scalars)))
 
     @staticmethod
     def _gather(items: list[Work], flat: np.ndarray) -> None:
@@ -270,7 +239,7 @@ class Executor:
         stream = self._stream()
         with torch.cuda.stream(stream):
             x = batch.to(self.device, non_blocking=True)
-            y = self.servable.run(group, x, scalars)
+            y = self._servable.run(group, x, scalars)
             out = torch.empty(y.shape, dtype=y.dtype, pin_memory=True)
             out.copy_(y, non_blocking=True)
         stream.synchronize()

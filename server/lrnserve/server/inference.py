@@ -10,6 +10,7 @@ off the wire until the batcher copies them into a batch.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,8 +26,8 @@ class InputTensor:
     datatype: str
     shape: tuple[int, ...]
     raw: bytes | memoryview | None = None  # raw_input_contents entry (a view of the message), if any
-    contents: np.ndarray | None = None  # typed contents, already as an array
-    contents_field: str | None = None  # which typed field carried them
+    contents: np.ndarray | None = None  # typed contents, already as an array (when one field had values)
+    contents_fields: tuple[str, ...] = ()  # the typed fields that carried values
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class InferenceRequest:
     version: str
     id: str
     inputs: tuple[InputTensor, ...]
-    parameters: dict[str, ParameterValue] = field(default_factory=dict)
+    parameters: Mapping[str, ParameterValue | None] = field(default_factory=dict)  # None: sent without a value
     requested_outputs: tuple[str, ...] = ()
     # Seconds left before the caller's gRPC deadline, when it set one.
     time_remaining: float | None = None

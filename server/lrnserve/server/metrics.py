@@ -8,7 +8,7 @@ on compute time and device memory. Nothing is registered at import time.
 from __future__ import annotations
 
 import platform
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -18,9 +18,9 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-from lrnserve.client._version import __version__
+from lrnserve.client.version import __version__
 
-from .batching import BatchRecord
+from .work import BatchRecord
 
 # 50 µs to 30 s.
 LATENCY_BUCKETS = (
@@ -39,25 +39,15 @@ def batch_size_buckets(max_batch_size: int) -> tuple[float, ...]:
         size *= 2
 
 
-class _QueueDepth(Collector):
-    def __init__(self, depths: Callable[[], Iterable[tuple[str, int]]]) -> None:
-        self._depths = depths
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        family = GaugeMetricFamily("lrnserve_queue_depth", "Requests waiting in the model's queue.", labels=["model"])
-        for model, depth in self._depths():
-            family.add_metric([model], depth)
-        yield family
-
-
 class _DeviceMemory(Collector):
-    """CUDA memory allocated by torch on each device models use; nothing on CPU-only servers."""
+    """CUDA memory allocated by torch on each device models use; nothing on CPU-only servers.
+    Read from torch at scrape time: torch, not the server, knows it."""
 
-    def __init__(self, devices: Callable[[], Iterable[torch.device]]) -> None:
-        self._devices = devices
+    def __init__(self, devices: Iterable[torch.device]) -> None:
+        self._cuda = sorted({d.index or 0 for d in devices if d.type == "cuda"})
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        cuda = sorted({d.index or 0 for d in self._devices() if d.type == "cuda"})
+        cuda = self._cuda
         if not cuda:
             return
         family = GaugeMetricFamily(
@@ -69,16 +59,20 @@ class _DeviceMemory(Collector):
 
 
 class Metrics:
+    """The Prometheus side of telemetry: every metric, registered on ``registry`` at start-up.
+
+    Contract: only ``Telemetry`` records into it, on the event loop thread; the served models
+    and their devices are known up front, so every model's series exist from the first scrape.
+    """
+
     def __init__(
         self,
         registry: CollectorRegistry,
-        models: dict[str, str],
+        models: dict[str, torch.device],
         queue_capacity: dict[str, int],
         max_batch_size: int,
-        queue_depths: Callable[[], Iterable[tuple[str, int]]],
-        devices: Callable[[], Iterable[torch.device]],
     ) -> None:
-        """``models``: each served model's device label; ``queue_capacity``: its max_queue_size."""
+        """``models``: each served model's device; ``queue_capacity``: its max_queue_size."""
         self.registry = registry
         self.request_duration = Histogram(
             "lrnserve_request_duration_seconds",
@@ -115,6 +109,9 @@ class Metrics:
             "lrnserve_auth_failures", "Calls refused for a missing or wrong bearer token.", registry=registry
         )
         self.inflight = Gauge("lrnserve_inflight_requests", "ModelInfer requests being handled now.", registry=registry)
+        self.queue_depth = Gauge(
+            "lrnserve_queue_depth", "Requests waiting in the model's queue.", ["model"], registry=registry
+        )
         self.queue_capacity = Gauge(
             "lrnserve_queue_capacity",
             "Requests the model's queue holds before refusing with RESOURCE_EXHAUSTED.",
@@ -133,8 +130,7 @@ class Metrics:
                 "python": platform.python_version(),
             }
         )
-        registry.register(_QueueDepth(queue_depths))
-        registry.register(_DeviceMemory(devices))
+        registry.register(_DeviceMemory(models.values()))
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
         GCCollector(registry=registry)
@@ -143,13 +139,16 @@ class Metrics:
         self._counters: dict[tuple[str, str], Counter] = {}
         self._durations: dict[str, Histogram] = {}
         self._batches: dict[str, tuple[Histogram, Histogram, Histogram]] = {}
+        self._depths: dict[str, Gauge] = {}
         for model, device in models.items():
             self._durations[model] = self.request_duration.labels(model)
             self._batches[model] = (
                 self.batch_size.labels(model),
-                self.compute_duration.labels(model, device),
+                self.compute_duration.labels(model, str(device)),
                 self.queue_duration.labels(model),
             )
+            self._depths[model] = self.queue_depth.labels(model)
+            self._depths[model].set(0)
             self._counters[(model, "OK")] = self.requests.labels(model, "OK")
             self.queue_capacity.labels(model).set(queue_capacity[model])
 
@@ -162,6 +161,9 @@ class Metrics:
         if duration is None:  # requests for models not served ("_unknown")
             duration = self._durations[model] = self.request_duration.labels(model)
         duration.observe(seconds)
+
+    def record_queue_depth(self, model: str, depth: int) -> None:
+        self._depths[model].set(depth)
 
     def record_batch(self, model: str, record: BatchRecord) -> None:
         if record.failed:

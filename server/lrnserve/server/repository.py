@@ -1,8 +1,10 @@
-"""The model repository: loads every configured model and owns its batcher.
+"""The model repository: loads every configured model and owns what serves it.
 
-Models load in worker threads after the server is already answering (live but
-not ready), so orchestrators can tell "starting" from "dead". Each load logs one
-line: device, dtype, where the weights came from, and how long it took.
+Each ``ServedModel`` is the one owner of its servable, executor and batcher. Models load in
+worker threads after the server is already answering (live but not ready), so orchestrators
+can tell "starting" from "dead". Each load logs one line: device, dtype, where the weights
+came from, and how long it took. How a servable is made is injected (``ServableFactory``):
+the server passes ``create_servable``; tests pass one that wraps it.
 """
 
 from __future__ import annotations
@@ -10,18 +12,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from .batching import Batcher, BatchListener
+from .batching import Batcher
 from .errors import NotFound
 from .executor import Executor
-from .servables import Servable, create_servable
-from .settings import ConfigError, ModelConfig, ServerSettings
+from .schema import ConfigError
+from .servables import Servable
+from .settings import ModelConfig
+from .telemetry import Telemetry
+
+ServableFactory = Callable[[ModelConfig], Servable]
 
 logger = logging.getLogger(__name__)
+
+
+def resolve_devices(models: Sequence[ModelConfig], server_default: str) -> dict[str, torch.device]:
+    """Each model's device, known before anything loads (telemetry labels series with it)."""
+    return {config.name: resolve_device(config.device, server_default) for config in models}
 
 
 def resolve_device(requested: str, server_default: str) -> torch.device:
@@ -42,9 +53,12 @@ def resolve_device(requested: str, server_default: str) -> torch.device:
 
 @dataclass
 class ServedModel:
+    """One configured model; ``servable``, ``executor`` and ``batcher`` are set once it loaded."""
+
     config: ModelConfig
     device: torch.device
     servable: Servable | None = None
+    executor: Executor | None = None
     batcher: Batcher | None = None
     ready: bool = False
     load_seconds: float = 0.0
@@ -55,18 +69,19 @@ class ServedModel:
 
 
 class ModelRepository:
+    """The served models by name. Contract: ``load_all`` once, on the event loop; ``close``,
+    ``drain`` and ``stop`` in that order when shutting down."""
+
     def __init__(
         self,
-        settings: ServerSettings,
-        on_batch: Callable[[str], BatchListener | None] | None = None,
-        on_loaded: Callable[[ServedModel], None] | None = None,
+        models: Sequence[ModelConfig],
+        devices: Mapping[str, torch.device],
+        telemetry: Telemetry,
+        servables: ServableFactory,
     ) -> None:
-        self._models = {
-            config.name: ServedModel(config, resolve_device(config.device, settings.device))
-            for config in settings.models
-        }
-        self._on_batch = on_batch
-        self._on_loaded = on_loaded
+        self._models = {config.name: ServedModel(config, devices[config.name]) for config in models}
+        self._telemetry = telemetry
+        self._servables = servables
         self._stopping = False
 
     def names(self) -> list[str]:
@@ -104,9 +119,9 @@ class ModelRepository:
             if self._stopping:  # stop() ran while this model loaded: do not start it
                 return
             executor = Executor(servable, model.device, model.config.instances, model.config.threads)
-            listener = self._on_batch(model.name) if self._on_batch else None
             model.servable = servable
-            model.batcher = Batcher(model.name, executor, model.config.batching, listener)
+            model.executor = executor
+            model.batcher = Batcher(model.name, executor, model.config.batching, self._telemetry.model(model.name))
             model.batcher.start()
             model.ready = True
             b = model.config.batching
@@ -124,12 +139,10 @@ class ModelRepository:
                 model.load_seconds,
                 description,
             )
-            if self._on_loaded is not None:
-                self._on_loaded(model)
+            self._telemetry.model_loaded(model.name, model.load_seconds)
 
-    @staticmethod
-    def _load(model: ServedModel) -> tuple[Servable, str]:
-        servable = create_servable(model.config)
+    def _load(self, model: ServedModel) -> tuple[Servable, str]:
+        servable = self._servables(model.config)
         return servable, servable.load(model.device)
 
     def close(self) -> None:
@@ -158,4 +171,5 @@ class ModelRepository:
             if model.batcher is not None:
                 remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
                 await model.batcher.stop(remaining)
-                model.batcher.executor.close(wait=False)
+            if model.executor is not None:
+                model.executor.close(wait=False)

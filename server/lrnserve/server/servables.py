@@ -10,7 +10,6 @@ parameter names, types and ranges) and says which requests may share a batch
 from __future__ import annotations
 
 import logging
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,8 +23,8 @@ from lrnserve.client.datatypes import from_torch_name
 from .errors import InvalidArgument
 from .inference import ModelMetadata, ParameterValue, TensorMetadata
 from .models import create_network
-from .ops import MODES, Mode, local_response_norm, local_response_norm_checked, native, prepare
-from .ops.params import MAX_FLOAT32
+from .ops import Mode, local_response_norm, local_response_norm_checked, native, prepare
+from .ops.params import BOUNDS, check_mode, check_size
 from .settings import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -105,22 +104,11 @@ class Servable(ABC):
             )
 
 
-def _number(name: str, value: ParameterValue, rule: str, minimum: float, inclusive: bool) -> float:
-    """A double (ints accepted), finite, above ``minimum`` and within float32's range (the
-    kernels use it in float32 for half and single precision tensors); else INVALID_ARGUMENT."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidArgument(f"parameters.{name}: expected {rule} (double or int), got {value!r}")
-    number = float(value)
-    above = number >= minimum if inclusive else number > minimum
-    if not math.isfinite(number) or not above or abs(number) > MAX_FLOAT32:
-        raise InvalidArgument(f"parameters.{name}: expected {rule} (at most 3.4e38 in magnitude), got {value!r}")
-    return number
-
-
 class LRNServable(Servable):
     """The LRN op; request parameters override the configured defaults per request."""
 
     parameter_names = ("mode", "size", "alpha", "beta", "k")
+    # The op takes any size; a served one is capped so that one request cannot ask for absurd work.
     max_size = 4096
     # Window additions one request may cost (about 2 s of a 2-core CPU); windows are clipped to
     # the tensor first, so only windows that really overlap the data count.
@@ -143,17 +131,15 @@ class LRNServable(Servable):
     def resolve(self, parameters: Mapping[str, ParameterValue]) -> Resolved:
         self._unknown_parameters(parameters)
         p = self.config.lrn
-        mode = parameters.get("mode", p.mode)
-        if mode not in MODES:
-            raise InvalidArgument(f"parameters.mode: expected 'across' or 'within', got {mode!r}")
-        size = parameters.get("size", p.size)
-        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= self.max_size:
-            raise InvalidArgument(f"parameters.size: expected an integer in [1, {self.max_size}], got {size!r}")
-        scalars = {
-            "alpha": _number("alpha", parameters.get("alpha", p.alpha), "a finite number >= 0", 0.0, True),
-            "beta": _number("beta", parameters.get("beta", p.beta), "a finite number", -math.inf, False),
-            "k": _number("k", parameters.get("k", p.k), "a finite number > 0", 0.0, False),
-        }
+        try:
+            mode = check_mode(parameters.get("mode", p.mode), "parameters.mode")
+            size = check_size(parameters.get("size", p.size), self.max_size, "parameters.size")
+            scalars = {
+                name: bound.check(parameters.get(name, getattr(p, name)), f"parameters.{name}")
+                for name, bound in BOUNDS.items()
+            }
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
         return Resolved(group=(mode, size), scalars=scalars)
 
     def check_cost(self, shape: tuple[int, ...], resolved: Resolved) -> str | None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from .batching import BatchRecord
+from .work import BatchRecord
 
 
 @dataclass
@@ -40,6 +40,8 @@ class ModelStatistics:
 
 
 class StatisticsStore:
+    """Every served model's statistics; unknown model names are ignored (never a new entry)."""
+
     def __init__(self, models: list[str]) -> None:
         self._models = {name: ModelStatistics() for name in models}
 

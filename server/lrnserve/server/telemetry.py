@@ -1,42 +1,73 @@
 """One sink for what the server observes, feeding statistics and Prometheus alike.
 
-Statistics (the ModelStatistics RPC) are always kept; Prometheus metrics only
-when enabled. Requests naming a model this server does not serve are counted
-under model="_unknown" so that clients cannot create unbounded label values.
+Created first and handed down: the data plane reports each request's outcome, each batcher
+its batches and queue depth (through its model's ``ModelTelemetry``), the repository model
+loads, the transport refused tokens. Nothing here reads server state back. Statistics (the
+ModelStatistics RPC) are always kept; Prometheus metrics only when enabled. Requests naming a
+model this server does not serve are counted under model="_unknown" so that clients cannot
+create unbounded label values.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import grpc
 
-from .batching import BatchRecord
 from .metrics import Metrics
-from .statistics import StatisticsStore
+from .statistics import ModelStatistics, StatisticsStore
+from .work import BatchRecord
 
 UNKNOWN_MODEL = "_unknown"
 
 
+class ModelTelemetry:
+    """What one model's batcher reports (its ``BatchObserver``)."""
+
+    def __init__(self, name: str, statistics: StatisticsStore, metrics: Metrics | None) -> None:
+        self.name = name
+        self._statistics = statistics
+        self._metrics = metrics
+
+    def batch_finished(self, record: BatchRecord) -> None:
+        self._statistics.record_batch(self.name, record)
+        if self._metrics is not None:
+            self._metrics.record_batch(self.name, record)
+
+    def queue_depth(self, depth: int) -> None:
+        if self._metrics is not None:
+            self._metrics.record_queue_depth(self.name, depth)
+
+
 class Telemetry:
-    def __init__(self, served: list[str], statistics: StatisticsStore, metrics: Metrics | None) -> None:
-        self._served = set(served)
-        self.statistics = statistics
+    """The server's observations: request outcomes, batches, loads, refused tokens.
+
+    Contract: called on the event loop thread only (statistics take no lock); ``served`` is
+    fixed at start-up.
+    """
+
+    def __init__(self, served: Iterable[str], metrics: Metrics | None) -> None:
+        self._served = list(served)
+        self._statistics = StatisticsStore(self._served)
         self.metrics = metrics
+        self._models = {name: ModelTelemetry(name, self._statistics, metrics) for name in self._served}
+
+    def model(self, name: str) -> ModelTelemetry:
+        return self._models[name]
+
+    def statistics(self, name: str) -> ModelStatistics:
+        return self._statistics.get(name)
 
     def request_started(self) -> None:
         if self.metrics is not None:
             self.metrics.inflight.inc()
 
     def request_finished(self, model: str, code: grpc.StatusCode, seconds: float) -> None:
-        label = model if model in self._served else UNKNOWN_MODEL
-        self.statistics.record_request(label, code == grpc.StatusCode.OK, seconds)
+        label = model if model in self._models else UNKNOWN_MODEL
+        self._statistics.record_request(label, code == grpc.StatusCode.OK, seconds)
         if self.metrics is not None:
             self.metrics.inflight.dec()
             self.metrics.record_request(label, code.name, seconds)
-
-    def batch_finished(self, model: str, record: BatchRecord) -> None:
-        self.statistics.record_batch(model, record)
-        if self.metrics is not None:
-            self.metrics.record_batch(model, record)
 
     def auth_rejected(self) -> None:
         if self.metrics is not None:

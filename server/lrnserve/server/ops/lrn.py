@@ -8,14 +8,14 @@ sample, which is what lets the server batch requests that differ in them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from . import native
 from .composed import local_response_norm_composed
-from .params import MAX_FLOAT32, LRNParams, Mode, check_alpha, check_beta, check_k, check_mode, check_size
+from .params import ALPHA, BETA, Bound, K, LRNParams, Mode, check_mode, check_size
 
 PerSample = float | Sequence[float] | torch.Tensor
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -32,44 +32,24 @@ def _check_input(x: object) -> torch.Tensor:
     return x
 
 
-class _Rule:
-    """How one of alpha/beta/k is checked, as a scalar and as one value per sample."""
-
-    def __init__(
-        self,
-        name: str,
-        check: Callable[[float], float],
-        invalid: Callable[[torch.Tensor], torch.Tensor],
-        text: str,
-    ) -> None:
-        self.name, self.check, self.invalid, self.text = name, check, invalid, text
-
-    def per_sample(self, value: PerSample, batch: int) -> torch.Tensor:
-        """One float64 CPU value per sample, validated."""
-        if isinstance(value, bool):
-            raise ValueError(f"{self.name} must be a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return torch.full((batch,), self.check(float(value)), dtype=torch.float64)
-        try:
-            values = torch.as_tensor(value, dtype=torch.float64, device="cpu").reshape(-1)
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise ValueError(f"{self.name} must be a number or one number per sample: {exc}") from None
-        if values.numel() == 1:
-            return torch.full((batch,), self.check(float(values.item())), dtype=torch.float64)
-        if values.numel() != batch:
-            raise ValueError(f"{self.name} must be a number or {batch} numbers (one per sample), got {values.numel()}")
-        bad = self.invalid(values)
-        if bool(bad.any()):
-            index = int(bad.nonzero()[0])
-            raise ValueError(f"{self.name}[{index}] must be {self.text}, got {values[index].item()!r}")
-        return values.contiguous()
-
-
-_ALPHA = _Rule(
-    "alpha", check_alpha, lambda v: ~torch.isfinite(v) | (v < 0) | (v > MAX_FLOAT32), "a finite number in [0, 3.4e38]"
-)
-_BETA = _Rule("beta", check_beta, lambda v: ~torch.isfinite(v), "a finite number")
-_K = _Rule("k", check_k, lambda v: ~torch.isfinite(v) | (v <= 0) | (v > MAX_FLOAT32), "a finite number in (0, 3.4e38]")
+def per_sample(bound: Bound, value: PerSample, batch: int) -> torch.Tensor:
+    """One float64 CPU value per sample, each checked by ``bound``."""
+    if isinstance(value, (bool, int, float)):
+        return torch.full((batch,), bound.check(value), dtype=torch.float64)
+    try:
+        values = torch.as_tensor(value, dtype=torch.float64, device="cpu").reshape(-1)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"{bound.name} must be a number or one number per sample: {exc}") from None
+    if values.numel() == 1:
+        return torch.full((batch,), bound.check(float(values.item())), dtype=torch.float64)
+    if values.numel() != batch:
+        raise ValueError(f"{bound.name} must be a number or {batch} numbers (one per sample), got {values.numel()}")
+    above = values >= bound.minimum if bound.minimum_allowed else values > bound.minimum
+    bad = ~(torch.isfinite(values) & above & (values <= bound.maximum))
+    if bool(bad.any()):
+        index = int(bad.nonzero()[0])
+        bound.check(values[index].item(), f"{bound.name}[{index}]")
+    return values.contiguous()
 
 
 def local_response_norm(
@@ -92,11 +72,7 @@ def local_response_norm(
     size = check_size(size)
     mode = check_mode(mode)
     batch = x.shape[0]
-    alpha_t, beta_t, k_t = (
-        _ALPHA.per_sample(alpha, batch),
-        _BETA.per_sample(beta, batch),
-        _K.per_sample(k, batch),
-    )
+    alpha_t, beta_t, k_t = (per_sample(ALPHA, alpha, batch), per_sample(BETA, beta, batch), per_sample(K, k, batch))
     return local_response_norm_checked(x, size, alpha_t, beta_t, k_t, mode)
 
 

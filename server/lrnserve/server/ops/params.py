@@ -22,36 +22,52 @@ MAX_SIZE = 2**31 - 1
 MAX_FLOAT32 = 3.4028234663852886e38
 
 
-def check_size(size: object) -> int:
-    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_SIZE:
-        raise ValueError(f"size must be an integer >= 1 (and <= {MAX_SIZE}), got {size!r}")
+@dataclass(frozen=True)
+class Bound:
+    """The one rule for a real-valued LRN parameter (alpha, beta, k). The op, the server's
+    request parameters and the configuration all check with it, so they accept the same values
+    and say so in the same words; each caller only prefixes where the value came from."""
+
+    name: str
+    minimum: float
+    minimum_allowed: bool  # whether the minimum itself is valid
+    maximum: float  # inclusive
+    text: str  # what a valid value is, for messages
+
+    def valid(self, value: float) -> bool:
+        above = value >= self.minimum if self.minimum_allowed else value > self.minimum
+        return math.isfinite(value) and above and value <= self.maximum
+
+    def check(self, value: object, label: str | None = None) -> float:
+        """``value`` as a float; ValueError naming ``label`` (default: the parameter's name)."""
+        label = label or self.name
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{label} must be a number, got {value!r}")
+        number = float(value)
+        if not self.valid(number):
+            raise ValueError(f"{label} must be {self.text}, got {value!r}")
+        return number
+
+
+ALPHA = Bound("alpha", 0.0, True, MAX_FLOAT32, f"a finite number >= 0 (and <= {MAX_FLOAT32:.4g})")
+BETA = Bound("beta", -math.inf, False, math.inf, "a finite number")
+K = Bound("k", 0.0, False, MAX_FLOAT32, f"a finite number > 0 (and <= {MAX_FLOAT32:.4g})")
+BOUNDS = {bound.name: bound for bound in (ALPHA, BETA, K)}
+
+
+def check_size(size: object, maximum: int = MAX_SIZE, label: str = "size") -> int:
+    """The window length; ``maximum`` lets a caller (the server) layer a tighter limit on top."""
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= maximum:
+        raise ValueError(f"{label} must be an integer >= 1 (and <= {maximum}), got {size!r}")
     return size
 
 
-def check_mode(mode: object) -> Mode:
+def check_mode(mode: object, label: str = "mode") -> Mode:
     if mode == "across":
         return "across"
     if mode == "within":
         return "within"
-    raise ValueError(f"mode must be one of {', '.join(repr(m) for m in MODES)}, got {mode!r}")
-
-
-def check_alpha(alpha: float) -> float:
-    if not math.isfinite(alpha) or not 0 <= alpha <= MAX_FLOAT32:
-        raise ValueError(f"alpha must be a finite number >= 0 (and <= {MAX_FLOAT32:.4g}), got {alpha!r}")
-    return float(alpha)
-
-
-def check_beta(beta: float) -> float:
-    if not math.isfinite(beta):
-        raise ValueError(f"beta must be a finite number, got {beta!r}")
-    return float(beta)
-
-
-def check_k(k: float) -> float:
-    if not math.isfinite(k) or not 0 < k <= MAX_FLOAT32:
-        raise ValueError(f"k must be a finite number > 0 (and <= {MAX_FLOAT32:.4g}), got {k!r}")
-    return float(k)
+    raise ValueError(f"{label} must be one of {', '.join(repr(m) for m in MODES)}, got {mode!r}")
 
 
 def _number(name: str, value: object) -> float:
@@ -73,9 +89,8 @@ class LRNParams:
     def __post_init__(self) -> None:
         check_size(self.size)
         check_mode(self.mode)
-        object.__setattr__(self, "alpha", check_alpha(_number("alpha", self.alpha)))
-        object.__setattr__(self, "beta", check_beta(_number("beta", self.beta)))
-        object.__setattr__(self, "k", check_k(_number("k", self.k)))
+        for bound in (ALPHA, BETA, K):
+            object.__setattr__(self, bound.name, bound.check(getattr(self, bound.name)))
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

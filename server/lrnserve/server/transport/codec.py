@@ -1,7 +1,7 @@
 """The one converter between protobuf messages and the domain objects of ``inference``.
 
-It checks only what it needs to convert (a parameter without a value, typed
-contents in several fields); everything else is the dataplane's to judge.
+It judges nothing: what it cannot convert (a parameter without a value, typed
+contents in several fields) it passes on as such, for ``validate`` to refuse.
 ModelInfer's tensor bytes travel as views and one copy each way (``wire``).
 """
 
@@ -12,8 +12,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from lrnserve.client.pb import grpc_predict_v2_pb2 as pb
+from lrnserve.client.protocol import CONTENTS_FIELDS  # typed contents fields -> numpy type of their values
 
-from ..errors import InvalidArgument
 from ..inference import (
     InferenceRequest,
     InferenceResponse,
@@ -25,42 +25,29 @@ from ..inference import (
 from ..statistics import Duration, ModelStatistics
 from .wire import InferRequestWire, encode_infer_response
 
-# Typed contents fields and the numpy dtype their values arrive as.
-CONTENTS_FIELDS = {
-    "bool_contents": np.bool_,
-    "int_contents": np.int32,
-    "int64_contents": np.int64,
-    "uint_contents": np.uint32,
-    "uint64_contents": np.uint64,
-    "fp32_contents": np.float32,
-    "fp64_contents": np.float64,
-}
+
+def parameters_from_proto(params: Mapping[str, pb.InferParameter]) -> dict[str, ParameterValue | None]:
+    """None stands for a parameter sent without a value; the data plane refuses it."""
+    return {name: _parameter_value(param) for name, param in params.items()}
 
 
-def parameters_from_proto(where: str, params: Mapping[str, pb.InferParameter]) -> dict[str, ParameterValue]:
-    out: dict[str, ParameterValue] = {}
-    for name, param in params.items():
-        kind = param.WhichOneof("parameter_choice")
-        if kind is None:
-            raise InvalidArgument(f"{where}.{name}: parameter has no value")
-        out[name] = getattr(param, kind)
-    return out
+def _parameter_value(param: pb.InferParameter) -> ParameterValue | None:
+    kind = param.WhichOneof("parameter_choice")
+    return None if kind is None else getattr(param, kind)
 
 
-def _contents(index: int, tensor: pb.ModelInferRequest.InferInputTensor) -> tuple[np.ndarray | None, str | None]:
+def _contents(tensor: pb.ModelInferRequest.InferInputTensor) -> tuple[np.ndarray | None, tuple[str, ...]]:
+    """The typed contents as an array, with the fields that carried values (the array only when
+    exactly one did; bytes_contents never makes a numeric tensor, the data plane says why)."""
     if not tensor.HasField("contents"):
-        return None, None
-    present = [name for name in CONTENTS_FIELDS if len(getattr(tensor.contents, name))]
+        return None, ()
+    present = tuple(name for name in CONTENTS_FIELDS if len(getattr(tensor.contents, name)))
     if len(tensor.contents.bytes_contents):
-        present.append("bytes_contents")
-    if not present:
-        return None, None
-    if len(present) > 1:
-        raise InvalidArgument(f"inputs[{index}].contents: values in {' and '.join(present)}; use one field")
+        present += ("bytes_contents",)
+    if len(present) != 1 or present[0] == "bytes_contents":
+        return None, present
     field = present[0]
-    if field == "bytes_contents":
-        return np.empty(0), field  # never a valid numeric tensor; the dataplane says why
-    return np.array(getattr(tensor.contents, field), dtype=CONTENTS_FIELDS[field]), field
+    return np.array(getattr(tensor.contents, field), dtype=CONTENTS_FIELDS[field]), present
 
 
 def request_from_wire(wire: InferRequestWire, time_remaining: float | None) -> InferenceRequest:
@@ -68,7 +55,7 @@ def request_from_wire(wire: InferRequestWire, time_remaining: float | None) -> I
     raw = wire.raw_input_contents
     inputs = []
     for i, tensor in enumerate(message.inputs):
-        contents, field = _contents(i, tensor)
+        contents, fields = _contents(tensor)
         inputs.append(
             InputTensor(
                 name=tensor.name,
@@ -76,7 +63,7 @@ def request_from_wire(wire: InferRequestWire, time_remaining: float | None) -> I
                 shape=tuple(tensor.shape),
                 raw=raw[i] if i < len(raw) else None,
                 contents=contents,
-                contents_field=field,
+                contents_fields=fields,
             )
         )
     return InferenceRequest(
@@ -84,7 +71,7 @@ def request_from_wire(wire: InferRequestWire, time_remaining: float | None) -> I
         version=message.model_version,
         id=message.id,
         inputs=tuple(inputs),
-        parameters=parameters_from_proto("parameters", message.parameters),
+        parameters=parameters_from_proto(message.parameters),
         requested_outputs=tuple(output.name for output in message.outputs),
         time_remaining=time_remaining,
         raw_count=len(raw),

@@ -3,10 +3,10 @@
 The servicer only converts (``codec``) and delegates (``DataPlane``).
 ``Guarded`` wraps every RPC of a service: a ``ServingError`` becomes its
 status and message; anything unexpected is logged with its traceback and
-answered INTERNAL with a generic message. For ModelInfer it also reports each
-call's outcome and duration to ``Telemetry``. (A wrapper rather than a server
+answered INTERNAL with a generic message. (A wrapper rather than a server
 interceptor: grpc.aio runs interceptors as an extra coroutine per call, which
-cost about a tenth of the server's throughput on small requests.)
+cost about a tenth of the server's throughput on small requests.) Request
+outcomes are the data plane's to report, not the transport's.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeAlias
 
@@ -25,7 +24,6 @@ from lrnserve.client.pb import grpc_predict_v2_pb2_grpc as pb_grpc
 
 from ..dataplane import DataPlane
 from ..errors import ServingError
-from ..telemetry import Telemetry
 from . import codec
 from .wire import InferRequestWire
 
@@ -34,6 +32,8 @@ Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
+    """The protocol's RPCs: protobuf in, one data plane call, protobuf out."""
+
     def __init__(self, dataplane: DataPlane) -> None:
         self.dataplane = dataplane
 
@@ -66,19 +66,6 @@ Unary = Callable[[Any, "Context"], Awaitable[Any]]
 Streaming = Callable[[Any, "Context"], AsyncIterator[Any]]
 
 
-INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
-
-
-def status_of(exc: BaseException, context: Context) -> grpc.StatusCode:
-    if isinstance(exc, ServingError):
-        return exc.code
-    if isinstance(exc, asyncio.CancelledError):
-        remaining = context.time_remaining()
-        expired = remaining is not None and remaining <= 0
-        return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
-    return grpc.StatusCode.INTERNAL
-
-
 async def _abort_for(exc: Exception, method: str, context: Context) -> None:
     if isinstance(exc, ServingError):
         await context.abort(exc.code, exc.message)
@@ -91,13 +78,11 @@ class Guarded:
 
     Wraps each coroutine method (unary RPCs) and async-generator method (server
     streaming) of ``servicer`` once, when the generated ``add_*_to_server``
-    looks it up, so no RPC of a guarded service can be left out. ModelInfer also
-    reports its outcome and duration to ``telemetry``.
+    looks it up, so no RPC of a guarded service can be left out.
     """
 
-    def __init__(self, servicer: object, telemetry: Telemetry | None = None) -> None:
+    def __init__(self, servicer: object) -> None:
         self._servicer = servicer
-        self._telemetry = telemetry
 
     def __getattr__(self, name: str) -> Any:
         method = getattr(self._servicer, name)
@@ -105,28 +90,11 @@ class Guarded:
         if inspect.isasyncgenfunction(method):
             wrapped: Any = _wrap_stream(path, method)
         elif inspect.iscoroutinefunction(method):
-            inner = _account(self._telemetry, method) if name == "ModelInfer" and self._telemetry else method
-            wrapped = _wrap_unary(path, inner)
+            wrapped = _wrap_unary(path, method)
         else:
             return method
         setattr(self, name, wrapped)  # later lookups skip __getattr__
         return wrapped
-
-
-def _account(telemetry: Telemetry, inner: Unary) -> Unary:
-    async def call(request: InferRequestWire, context: Context) -> Any:
-        telemetry.request_started()
-        start = time.perf_counter()
-        code = grpc.StatusCode.OK
-        try:
-            return await inner(request, context)
-        except BaseException as exc:
-            code = status_of(exc, context)
-            raise
-        finally:
-            telemetry.request_finished(request.message.model_name, code, time.perf_counter() - start)
-
-    return call
 
 
 def _wrap_unary(method: str, inner: Unary) -> Unary:

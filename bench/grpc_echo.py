@@ -18,9 +18,9 @@ import grpc
 import uvloop
 
 from lrnserve.client.pb import grpc_predict_v2_pb2 as pb
+from lrnserve.client.protocol import DEFAULT_MAX_MESSAGE_BYTES as MAX_MESSAGE_BYTES
 
 SERVICE = "inference.GRPCInferenceService"
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
 
 def canned_response(request_bytes: int) -> bytes:

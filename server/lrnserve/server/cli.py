@@ -112,14 +112,17 @@ def serve(settings: ServerSettings, servables: ServableFactory = create_servable
     return code
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "lrnserve serve") -> int:
+def main(
+    argv: Sequence[str] | None = None, prog: str = "lrnserve serve", servables: ServableFactory = create_servable
+) -> int:
+    """The ``serve`` command line; ``servables`` makes the models (tests pass a wrapping factory)."""
     args = build_parser(prog).parse_args(argv)
     try:
         settings = settings_from_args(args)
     except ConfigError as exc:
         print(f"{prog}: configuration error: {exc}", file=sys.stderr)
         return 2
-    return serve(settings)
+    return serve(settings, servables)
 
 
 if __name__ == "__main__":

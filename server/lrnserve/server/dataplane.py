@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import grpc
 
@@ -112,8 +110,11 @@ class DataPlane:
             model = self._route(request)
             assert model.servable is not None and model.batcher is not None  # ready
             valid = validate(request, model.servable, self._limits[model.name], arrival)
-            with self._admitted(valid.nbytes):
+            self._admit(valid.nbytes)
+            try:
                 raw = await model.batcher.submit(valid.work, valid.deadline)
+            finally:
+                self.inflight_bytes -= valid.nbytes
             return self._answer(model, request, valid, raw)
         except BaseException as exc:
             code = outcome(exc, deadline)
@@ -129,19 +130,14 @@ class DataPlane:
             raise Unavailable(f"model '{model.name}' is not ready; retry shortly")
         return model
 
-    @contextmanager
-    def _admitted(self, nbytes: int) -> Iterator[None]:
-        """Count ``nbytes`` against the in-flight budget while the request is being computed."""
+    def _admit(self, nbytes: int) -> None:
+        """Count ``nbytes`` against the in-flight budget (the caller gives them back)."""
         if self.inflight_bytes + nbytes > self.max_inflight_bytes:
             raise ResourceExhausted(
                 f"server busy: {bytes_text(self.inflight_bytes)} of requests in flight, limit "
                 f"{bytes_text(self.max_inflight_bytes)}; retry later"
             )
         self.inflight_bytes += nbytes
-        try:
-            yield
-        finally:
-            self.inflight_bytes -= nbytes
 
     @staticmethod
     def _answer(

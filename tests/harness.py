@@ -16,12 +16,12 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Coroutine, Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Hashable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import grpc
 import numpy as np
@@ -239,6 +239,8 @@ class GatedLRN(LRNServable):
         dtype: torch.dtype,
         scalars: Mapping[str, np.ndarray],
     ) -> np.ndarray | None:
+        if self._kernel is None:  # the executor falls back to run(), which enters the gate
+            return None
         samples = np.concatenate(parts).view(np.float32).reshape(shape[0], -1)
         self._enter(group, [float(sample[0]) for sample in samples])
         return super().run_raw(group, parts, shape, dtype, scalars)
@@ -267,3 +269,55 @@ def gated_server(server_settings: ServerSettings, probe: type[GatedLRN] = GatedL
     """A server whose LRN models are gated probes (not started: use it as a context manager)."""
     probes = Probes(probe)
     return ServerThread(server_settings, servables=probes), probes
+
+
+# ---- synchronisation helpers: bounded waits on a condition, threads whose failures are seen ----
+
+
+def wait_until(condition: Callable[[], object], what: str, timeout: float = 10.0) -> None:
+    """Poll ``condition`` until it is true; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout:g}s: {what}"
+        time.sleep(0.005)
+
+
+def join_all(threads: Iterable[threading.Thread], timeout: float = 60.0) -> None:
+    """Join every thread within ``timeout`` seconds in all; fail naming those still running."""
+    threads = list(threads)
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    alive = [thread.name for thread in threads if thread.is_alive()]
+    assert not alive, f"threads still running after {timeout:g}s: {alive}"
+
+
+class Worker(Generic[T]):
+    """``fn(*args)`` on its own thread, started at once; ``result()`` joins it (bounded) and
+    returns its value or raises its exception in the caller's thread."""
+
+    def __init__(self, fn: Callable[..., T], *args: object) -> None:
+        self._fn, self._args = fn, args
+        self._value: T | None = None
+        self._error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name=f"worker-{getattr(fn, '__name__', 'fn')}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._value = self._fn(*self._args)
+        except BaseException as exc:  # handed to result()
+            self._error = exc
+
+    def result(self, timeout: float = 30.0) -> T:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), f"{self.thread.name} still running after {timeout:g}s"
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[return-value]
+
+
+def requests_counted(port: int, model: str, code: str) -> float:
+    """``lrnserve_requests_total{model, code}`` as scraped now (0 before the first such request)."""
+    value = metric_value(scrape(port), "lrnserve_requests_total", model=model, code=code)
+    return 0.0 if value is None else value

@@ -178,10 +178,13 @@ class LrnServer:
         drained = await self.repository.drain(grace)
         if not drained:
             logger.warning("grace period of %.1fs ended with requests still queued or running", grace)
+        # Requests still queued now fail with UNAVAILABLE ("never ran: retry elsewhere") from
+        # their batcher, before the port closes and gRPC cancels whatever is left.
+        await self.repository.stop(timeout=max(0.0, deadline - time.monotonic()))
+        await asyncio.sleep(0)  # let those requests' handlers send their status
         if self._server is not None:
             # In-flight RPCs have their answers; give them the rest of the grace to be sent.
             await self._server.stop(max(0.0, deadline - time.monotonic()))
-        await self.repository.stop(timeout=max(0.0, deadline - time.monotonic()))
         if self._metrics_http is not None:
             http, thread = self._metrics_http
             http.shutdown()

@@ -1,0 +1,253 @@
+"""Drain on SIGTERM, through a real ``lrnserve serve`` process (tests/gated_serve.py) whose LRN
+batches wait on a gate the test opens over stdin, and announce themselves on stdout.
+
+With ``max_batch_size = 1`` and one instance, each request is its own batch: one computes (held
+at the gate) while the others wait in the queue, so the test knows exactly what the server holds
+when SIGTERM arrives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from harness import free_port, infer_request, metric_value, output_array, scrape, stub
+
+from lrnserve.client.pb import grpc_predict_v2_pb2 as pb
+from lrnserve.client.pb import health_pb2, health_pb2_grpc
+from lrnserve.server.cli import EXIT_DRAIN_CUT_SHORT
+from lrnserve.server.ops import local_response_norm
+from lrnserve.server.ops.params import LRNParams
+
+GATED_SERVE = Path(__file__).resolve().parent / "gated_serve.py"
+WAIT = 60.0  # the bound of every wait in these tests
+SHAPE = (1, 4, 3, 3)
+CONFIG = """
+[models.lrn]
+kind = "lrn"
+device = "cpu"
+max_batch_size = 1
+instances = 1
+max_queue_delay_us = 0
+"""
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+def until(condition: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not after {timeout}s"
+        time.sleep(0.02)
+
+
+def sample(fill: float) -> np.ndarray:
+    """An FP32 request tensor whose first value (the one the probe reports) is ``fill``."""
+    x = np.random.default_rng(int(abs(fill) * 100)).standard_normal(SHAPE).astype(np.float32)
+    x.flat[0] = fill
+    return x
+
+
+def expected(x: np.ndarray) -> np.ndarray:
+    """The LRN of ``x`` with the model's (default) parameters, by the op itself."""
+    p = LRNParams()
+    return local_response_norm(torch.from_numpy(x.copy()), p.size, p.alpha, p.beta, p.k, p.mode).numpy()
+
+
+class GatedServer:
+    """A running tests/gated_serve.py: its process, a channel to it, its stdout lines (read on a
+    thread into a queue) and its stderr (read on a thread, for the log)."""
+
+    def __init__(self, proc: subprocess.Popen[str], target: str, metrics_port: int) -> None:
+        self.proc = proc
+        self.target = target
+        self.metrics_port = metrics_port
+        self.lines: queue.Queue[str | None] = queue.Queue()  # None: stdout closed
+        self._log: list[str] = []
+        self._readers = [
+            threading.Thread(target=self._read_stdout, name="gated-stdout", daemon=True),
+            threading.Thread(target=self._read_stderr, name="gated-stderr", daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
+        self.channel = grpc.insecure_channel(target)
+        self.stub = stub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+
+    def _read_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self._log.append(line)
+
+    def log(self) -> str:
+        return "".join(self._log)
+
+    def next_line(self, timeout: float = WAIT) -> str | None:
+        try:
+            return self.lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no line on the server's stdout after {timeout}s; log:\n{self.log()}") from None
+
+    def remaining_lines(self) -> list[str]:
+        """After the process exited: every line it wrote that was not read yet."""
+        out: list[str] = []
+        while (line := self.next_line()) is not None:
+            out.append(line)
+        return out
+
+    def overall_status(self) -> int | None:
+        """The grpc.health.v1 status of service "", or None while the server does not answer."""
+        try:
+            return int(self.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status)
+        except grpc.RpcError:
+            return None
+
+    def wait_ready(self) -> None:
+        def ready() -> bool:
+            assert self.proc.poll() is None, f"server exited with {self.proc.returncode}; log:\n{self.log()}"
+            return self.overall_status() == SERVING
+
+        until(ready, "server SERVING")
+
+    def wait_not_serving(self) -> None:
+        """Until the overall health is NOT_SERVING, the process still running (draining)."""
+
+        def not_serving() -> bool:
+            assert self.proc.poll() is None, f"server exited with {self.proc.returncode}; log:\n{self.log()}"
+            return self.overall_status() == NOT_SERVING
+
+        until(not_serving, "health NOT_SERVING after SIGTERM")
+
+    def queue_depth(self) -> float | None:
+        return metric_value(scrape(self.metrics_port), "lrnserve_queue_depth", model="lrn")
+
+    def wait_queue_depth(self, depth: int) -> None:
+        until(lambda: self.queue_depth() == depth, f"lrnserve_queue_depth{{model='lrn'}} == {depth}")
+
+    def infer(self, fill: float) -> grpc.Future[pb.ModelInferResponse]:
+        return self.stub.ModelInfer.future(infer_request("lrn", sample(fill)), timeout=WAIT)
+
+    def open_gate(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("open\n")
+        self.proc.stdin.flush()
+
+    def exit_code(self) -> int:
+        """Wait for the process to exit, then for its output to be read to the end."""
+        try:
+            code = self.proc.wait(timeout=WAIT)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"server still running {WAIT}s after SIGTERM; log:\n{self.log()}") from None
+        for reader in self._readers:
+            reader.join(timeout=WAIT)
+            assert not reader.is_alive(), f"{reader.name}: output not closed {WAIT}s after the process exited"
+        return code
+
+    def close(self) -> None:
+        self.channel.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        for reader in self._readers:
+            reader.join(timeout=10)
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+
+
+@contextmanager
+def gated_server(tmp_path: Path, *flags: str) -> Iterator[GatedServer]:
+    config = tmp_path / "drain.toml"
+    config.write_text(CONFIG)
+    port = free_port()
+    metrics_port = free_port()
+    while metrics_port == port:
+        metrics_port = free_port()
+    command = [sys.executable, str(GATED_SERVE), "--plaintext", "--host", "127.0.0.1"]
+    command += ["--grpc-port", str(port), "--metrics-port", str(metrics_port), "--config", str(config), *flags]
+    proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    server = GatedServer(proc, f"127.0.0.1:{port}", metrics_port)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.close()
+
+
+def hold_one_computing_and_queue(
+    server: GatedServer, held: float, queued: list[float]
+) -> list[grpc.Future[pb.ModelInferResponse]]:
+    """``held`` computing at the gate, then each of ``queued`` behind it, in order; returns their calls."""
+    calls = [server.infer(held)]
+    assert server.next_line() == f"computing {held!r}"
+    for depth, fill in enumerate(queued, start=1):
+        calls.append(server.infer(fill))
+        server.wait_queue_depth(depth)
+    return calls
+
+
+def test_sigterm_drains_a_request_in_compute_and_the_queued_ones(tmp_path: Path) -> None:
+    fills = [-1.0, 2.0, 3.5, -4.25]
+    with gated_server(tmp_path, "--grace", "60") as server:
+        calls = hold_one_computing_and_queue(server, fills[0], fills[1:])
+        assert server.lines.empty(), "a queued request started computing while the gate was closed"
+
+        server.proc.send_signal(signal.SIGTERM)
+        server.wait_not_serving()
+        with pytest.raises(grpc.RpcError) as refused:
+            server.stub.ModelInfer(infer_request("lrn", sample(5.5)), timeout=WAIT)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value.details()
+        assert "shutting down" in str(refused.value.details())
+        assert server.proc.poll() is None, "the server exited before its requests finished"
+
+        server.open_gate()
+        for fill, call in zip(fills, calls, strict=True):
+            response: pb.ModelInferResponse = call.result(timeout=WAIT)
+            np.testing.assert_array_equal(output_array(response), expected(sample(fill)))
+
+        assert server.exit_code() == 0, server.log()
+        # The queued requests ran in order after the held one; the refused one never computed.
+        assert server.remaining_lines() == [f"computing {fill!r}" for fill in fills[1:]]
+        log = server.log()
+        assert "SIGTERM received: draining" in log
+        assert "stopped (drained)" in log
+
+
+def test_grace_period_cut_short(tmp_path: Path) -> None:
+    with gated_server(tmp_path, "--grace", "1") as server:
+        computing, queued = hold_one_computing_and_queue(server, -1.0, [2.0])
+
+        server.proc.send_signal(signal.SIGTERM)  # the gate never opens
+        with pytest.raises(grpc.RpcError) as failed_queued:
+            queued.result(timeout=WAIT)
+        with pytest.raises(grpc.RpcError) as failed_computing:
+            computing.result(timeout=WAIT)
+
+        assert server.exit_code() == EXIT_DRAIN_CUT_SHORT, server.log()
+        assert "ended with requests still queued or running" in server.log()
+        assert failed_computing.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+        assert server.remaining_lines() == [], "the queued request computed although the gate stayed closed"
+        # The queued request is answered by its batcher when it stops ("never ran: retry
+        # elsewhere"), not cut off with the connection when the port closes.
+        assert failed_queued.value.code() == grpc.StatusCode.UNAVAILABLE, failed_queued.value.details()
+        assert "stopped before this request ran" in str(failed_queued.value.details())

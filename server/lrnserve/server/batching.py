@@ -283,6 +283,8 @@ class Batcher:
             self._quiet.set()
         samples = sum(p.work.samples for p in batch)
         waits = tuple(p.dequeued - p.enqueued for p in batch)
+        if not isinstance(result, BaseException) and len(result.outputs) != len(batch):
+            result = RuntimeError(f"runner answered {len(result.outputs)} outputs for {len(batch)} requests")
         if isinstance(result, BaseException):  # every request of the batch gets its own error
             record = BatchRecord(samples, len(batch), 0.0, waits, failed=True)
             self._fail(batch, result)

@@ -422,6 +422,26 @@ async def test_a_failing_batch_fails_only_its_own_requests(failure: Exception, e
 
 
 @on_loop
+async def test_a_runner_that_answers_too_few_outputs_fails_its_batch_and_the_batcher_goes_on() -> None:
+    rig = Rig(max_batch_size=8, max_queue_delay_us=0)
+    blocker = await rig.occupy()
+    pair = [rig.send(1.0), rig.send(2.0)]
+    await rig.queued(2)
+    rig.runner.finish(0)
+    await rig.batches(2)
+    rig.runner.finish(1, outputs=[answer(rig.runner.batches[1].items[0])])  # one output for two requests
+    await settled(blocker)
+    for task in pair:
+        await until(task.done)
+        assert type(task.exception()) is InternalError
+    assert [r.failed for r in rig.observer.records] == [False, True]
+    after = rig.send(3.0)
+    await rig.batches(3)
+    rig.runner.finish(2)
+    assert answer_values(await settled(after)) == [3.0]
+
+
+@on_loop
 async def test_a_request_that_fails_inside_a_batch_fails_alone() -> None:
     rig = Rig(max_batch_size=8, max_queue_delay_us=0)
     blocker = await rig.occupy()

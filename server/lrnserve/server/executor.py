@@ -136,6 +136,8 @@ class Executor:
                 loop.call_soon_threadsafe(done, result)
             except RuntimeError:  # the loop closed while this batch ran: nobody waits for it
                 logger.debug("%s: batch finished after its event loop closed", self._servable.name)
+            # Waiting for the next batch must not keep this one's requests and output alive.
+            del job, items, done, result
 
     def _run(self, items: list[Work]) -> BatchResult:
         start = time.perf_counter()

@@ -66,11 +66,11 @@ Unary = Callable[[Any, "Context"], Awaitable[Any]]
 Streaming = Callable[[Any, "Context"], AsyncIterator[Any]]
 
 
-async def _abort_for(exc: Exception, method: str, context: Context) -> None:
+def _status_for(exc: Exception, method: str) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, ServingError):
-        await context.abort(exc.code, exc.message)
+        return exc.code, exc.message
     logger.error("%s failed unexpectedly", method, exc_info=exc)
-    await context.abort(grpc.StatusCode.INTERNAL, "internal server error; the server log has the details")
+    return grpc.StatusCode.INTERNAL, "internal server error; the server log has the details"
 
 
 class Guarded:
@@ -97,6 +97,12 @@ class Guarded:
         return wrapped
 
 
+# Both wrappers abort *after* their except block. An exception raised inside one carries the
+# caught exception as its __context__, whose traceback holds the frames of the whole call and so
+# the request's buffers; gRPC keeps the abort exception on the call, which made a reference cycle
+# that pinned every refused request's message until a full garbage collection.
+
+
 def _wrap_unary(method: str, inner: Unary) -> Unary:
     async def call(request: Any, context: Context) -> Any:
         try:
@@ -104,7 +110,9 @@ def _wrap_unary(method: str, inner: Unary) -> Unary:
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:
-            await _abort_for(exc, method, context)
+            code, message = _status_for(exc, method)
+        del request
+        await context.abort(code, message)
 
     return call
 
@@ -114,9 +122,12 @@ def _wrap_stream(method: str, inner: Streaming) -> Streaming:
         try:
             async for item in inner(request, context):
                 yield item
+            return
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:
-            await _abort_for(exc, method, context)
+            code, message = _status_for(exc, method)
+        del request
+        await context.abort(code, message)
 
     return call

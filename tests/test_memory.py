@@ -1,0 +1,89 @@
+"""Request buffers die with their request: no reference cycle or idle thread keeps a received
+message, a batch or an answer alive after the call ended (issue: memory within its promise).
+
+The server runs in this process with the cyclic garbage collector off, so anything that only a
+collection would free shows up as a live allocation; tracemalloc sees every large buffer the
+server allocated (received messages, batch outputs, responses) after it started.
+"""
+
+from __future__ import annotations
+
+import gc
+import tracemalloc
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import pytest
+from harness import ServerThread, infer_request, lrn_model, settings, stub
+
+from lrnserve.client.pb import grpc_predict_v2_pb2 as pb
+
+MIB = 1 << 20
+TENSOR = np.ones((1, 2, 1024, 1024), np.float32)  # 8 MiB
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ServerThread]:
+    config = settings(lrn_model("lrn"), max_message_bytes=64 * MIB, max_inflight_bytes=12 * MIB)
+    with ServerThread(config) as running:
+        yield running
+
+
+def large_live_allocations() -> list[tracemalloc.Trace]:
+    return [t for t in tracemalloc.take_snapshot().traces if t.size >= 4 * MIB]
+
+
+def send(channel: grpc.Channel, request: pb.ModelInferRequest) -> grpc.StatusCode:
+    try:
+        stub(channel).ModelInfer(request, timeout=60)
+    except grpc.RpcError as exc:
+        return exc.code()  # type: ignore[no-any-return]
+    return grpc.StatusCode.OK
+
+
+CASES = {
+    "ok": ("lrn", {}, grpc.StatusCode.OK),
+    "invalid": ("lrn", {"alpha": -1.0}, grpc.StatusCode.INVALID_ARGUMENT),
+    "not found": ("vgg", {}, grpc.StatusCode.NOT_FOUND),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_no_buffer_outlives_its_call(server: ServerThread, case: str) -> None:
+    model, parameters, expected = CASES[case]
+    request = infer_request(model, TENSOR, parameters)  # built before tracing: the client's own
+    with server.channel() as channel:
+        assert send(channel, request) == expected  # warm up the channel and the server's pools
+        with _traced():
+            for _ in range(4):
+                assert send(channel, request) == expected
+            live = large_live_allocations()
+    assert not live, "buffers still alive after their calls ended:\n" + "\n".join(
+        f"{t.size / MIB:.0f} MiB from " + " <- ".join(f"{f.filename}:{f.lineno}" for f in reversed(t.traceback[-3:]))
+        for t in live
+    )
+
+
+def test_a_request_refused_for_the_inflight_budget_leaves_nothing_behind(server: ServerThread) -> None:
+    big = infer_request("lrn", np.ones((1, 4, 1024, 1024), np.float32))  # 16 MiB > the 12 MiB budget
+    with server.channel() as channel, _traced():
+        for _ in range(4):
+            assert send(channel, big) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        live = large_live_allocations()
+    assert [t.size for t in live] == []
+
+
+class _traced:
+    """tracemalloc on and the cyclic collector off, for the block."""
+
+    def __enter__(self) -> None:
+        self._enabled = gc.isenabled()
+        gc.collect()
+        gc.disable()
+        tracemalloc.start(8)
+
+    def __exit__(self, *exc: object) -> None:
+        tracemalloc.stop()
+        if self._enabled:
+            gc.enable()

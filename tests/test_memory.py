@@ -9,6 +9,7 @@ server allocated (received messages, batch outputs, responses) after it started.
 from __future__ import annotations
 
 import gc
+import time
 import tracemalloc
 from collections.abc import Iterator
 
@@ -30,8 +31,15 @@ def server() -> Iterator[ServerThread]:
         yield running
 
 
-def large_live_allocations() -> list[tracemalloc.Trace]:
-    return [t for t in tracemalloc.take_snapshot().traces if t.size >= 4 * MIB]
+def large_live_allocations(timeout: float = 10.0) -> list[tracemalloc.Trace]:
+    """The server's large buffers still alive, once they had ``timeout`` seconds to go: the
+    client hears the status a moment before the server's call task lets go of its request."""
+    deadline = time.monotonic() + timeout
+    while True:
+        live = [t for t in tracemalloc.take_snapshot().traces if t.size >= 4 * MIB]
+        if not live or time.monotonic() > deadline:
+            return live
+        time.sleep(0.02)
 
 
 def send(channel: grpc.Channel, request: pb.ModelInferRequest) -> grpc.StatusCode:

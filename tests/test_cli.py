@@ -13,7 +13,9 @@ import pytest
 import torch
 from harness import ServerThread, free_port, lrn_model, settings
 
+from lrnserve.server.cli import build_parser, settings_from_args
 from lrnserve.server.ops import local_response_norm
+from lrnserve.server.settings import SERVER_SETTINGS
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +107,23 @@ def test_help(command: str) -> None:
     result = lrnserve(command, "--help")
     assert result.returncode == 0
     assert "usage: lrnserve " + command in result.stdout
+
+
+def test_serve_flags_are_the_declared_settings() -> None:
+    help_text = lrnserve("serve", "--help").stdout
+    flags = [flag for declared in SERVER_SETTINGS.values() for flag in declared.flag_names]
+    assert {"--grpc-port", "--metrics-port", "--grace-seconds", "--grace", "--plaintext", "--no-metrics"} <= set(flags)
+    for flag in flags:
+        assert flag in help_text, flag
+    parser = build_parser()
+    given = settings_from_args(parser.parse_args(["--plaintext", "--grace", "7.5", "--grpc-port", "9100"]))
+    assert (given.plaintext, given.grace_seconds, given.grpc_port) == (True, 7.5, 9100)  # --grace: an alias
+    assert settings_from_args(parser.parse_args(["--plaintext", "--grace-seconds", "2"])).grace_seconds == 2.0
+    assert settings_from_args(parser.parse_args(["--plaintext", "--no-metrics"])).metrics_enabled is False
+    bad = lrnserve("serve", "--plaintext", "--grace", "-1")
+    assert bad.returncode == 2
+    assert "configuration error: --grace-seconds: expected a number >= 0" in bad.stderr, bad.stderr
+    assert bad.stderr.strip().count("\n") == 0, bad.stderr
 
 
 @pytest.mark.parametrize(

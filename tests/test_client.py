@@ -13,7 +13,16 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from harness import ServerThread, free_port, gate_model, lrn_model, settings
+from harness import (
+    ServerThread,
+    Worker,
+    free_port,
+    gated_server,
+    lrn_model,
+    requests_counted,
+    settings,
+    wait_until,
+)
 
 import lrnserve.client as client_module
 from lrnserve.client import (
@@ -30,7 +39,6 @@ from lrnserve.client import (
 )
 from lrnserve.server.models import create_network
 from lrnserve.server.ops import local_response_norm
-from lrnserve.server.servables import LRNServable
 from lrnserve.server.settings import ModelConfig
 
 
@@ -161,20 +169,16 @@ def test_deadline_exceeded(client: Client) -> None:
         client.lrn(x, timeout=0.001)
 
 
-class _Failing(LRNServable):
-    def run(self, group: object, x: torch.Tensor, scalars: object) -> torch.Tensor:  # type: ignore[override]
-        raise RuntimeError("boom")
-
-
-def test_internal(server: ServerThread, client: Client) -> None:
-    executor = server.server.repository.get("lrn").batcher.executor  # type: ignore[union-attr]
-    original = executor.servable
-    executor.servable = _Failing(original.config)
-    try:
-        with pytest.raises(Internal, match="internal server error"):
+def test_internal() -> None:
+    running, probes = gated_server(settings(lrn_model("lrn")))
+    with running, Client(running.target, timeout=30, retries=0) as client:
+        probes["lrn"].failure = RuntimeError("boom")
+        with pytest.raises(Internal, match="internal server error") as info:
             client.lrn(np.ones((1, 2, 2, 2), np.float32))
-    finally:
-        executor.servable = original
+        assert "boom" not in str(info.value)
+        assert len(probes["lrn"].batches) == 1  # it failed inside the batch, not before
+        probes["lrn"].failure = None
+        assert client.lrn(np.ones((1, 2, 2, 2), np.float32)).shape == (1, 2, 2, 2)
 
 
 def test_unavailable_when_draining_and_when_down(server: ServerThread, client: Client) -> None:
@@ -235,28 +239,39 @@ def test_retries_never_overrun_the_deadline() -> None:
 
 
 def test_resource_exhausted_is_retried_when_asked() -> None:
-    config = settings(lrn_model("lrn", max_batch_size=1, max_queue_size=1))
-    with ServerThread(config) as running:
-        gated = gate_model(running)
+    running, probes = gated_server(settings(lrn_model("lrn", max_batch_size=1, max_queue_size=1)))
+    with running:
+        gated = probes["lrn"]
+        batcher = running.server.repository.get("lrn").batcher
+        assert batcher is not None and running.server.metrics_port
+        port = running.server.metrics_port
+        x = np.ones((1, 2, 2, 2), np.float32)
         gated.gate.clear()
-        with Client(running.target, timeout=30) as first:
-            busy = threading.Thread(target=first.lrn, args=(np.ones((1, 2, 2, 2), np.float32),))
-            queued = threading.Thread(target=first.lrn, args=(np.ones((1, 2, 2, 2), np.float32),))
-            busy.start()
-            assert gated.started.wait(10)
-            queued.start()
-            deadline = time.monotonic() + 10
-            while running.server.repository.get("lrn").batcher.queue_depth < 1:  # type: ignore[union-attr]
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
-            with pytest.raises(ResourceExhausted, match="queue full"):
-                Client(running.target, retries=0).lrn(np.ones((1, 2, 2, 2), np.float32))
-            threading.Timer(0.5, gated.gate.set).start()
-            retrying = Retry(attempts=50, initial_backoff=0.05, max_backoff=0.2, resource_exhausted=True)
-            with Client(running.target, timeout=30, retries=retrying) as patient:
-                assert patient.lrn(np.ones((1, 2, 2, 2), np.float32)).shape == (1, 2, 2, 2)
-            busy.join(timeout=30)
-            queued.join(timeout=30)
+        try:
+            with Client(running.target, timeout=30, retries=0) as first:
+                busy = Worker(first.lrn, x)
+                assert gated.started.wait(10), "the first request never started computing"
+                queued = Worker(first.lrn, x)
+                wait_until(lambda: batcher.queue_depth == 1, "the second request queued")
+                with pytest.raises(ResourceExhausted, match="queue full"):
+                    Client(running.target, retries=0).lrn(x)
+                assert requests_counted(port, "lrn", "RESOURCE_EXHAUSTED") == 1
+                retrying = Retry(attempts=1000, initial_backoff=0.01, max_backoff=0.05, resource_exhausted=True)
+                with Client(running.target, timeout=30, retries=retrying) as patient:
+                    waiting = Worker(patient.lrn, x)
+                    # The patient caller is refused at least twice while the queue stays full ...
+                    wait_until(
+                        lambda: requests_counted(port, "lrn", "RESOURCE_EXHAUSTED") >= 3,
+                        "the patient client retried after RESOURCE_EXHAUSTED",
+                    )
+                    assert waiting.thread.is_alive(), "answered while the queue was full"
+                    gated.gate.set()
+                    # ... and gets its answer once the queue has room.
+                    assert waiting.result(timeout=30).shape == x.shape
+                assert busy.result().shape == x.shape and queued.result().shape == x.shape
+        finally:
+            gated.gate.set()
+        assert requests_counted(port, "lrn", "OK") == 3
 
 
 def test_round_robin_over_two_servers() -> None:

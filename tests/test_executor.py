@@ -1,18 +1,25 @@
-"""The instance layout: how many instances a model runs and how many CPU threads each uses."""
+"""The executor: the instance layout (how many instances a model runs and how many CPU threads
+each uses), and how it splits a batch, or one request, that runs out of memory."""
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+import textwrap
 import threading
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
 from harness import ServerThread, infer_request, output_array, settings, stub
 
+from lrnserve.server.errors import ResourceExhausted
 from lrnserve.server.executor import Executor, Work, instance_layout
+from lrnserve.server.ops import local_response_norm
 from lrnserve.server.servables import LRNServable, NetworkServable, create_servable
 from lrnserve.server.settings import ModelConfig
+from lrnserve.server.work import BatchResult
 
 CPU = torch.device("cpu")
 
@@ -87,16 +94,180 @@ def test_a_served_network_runs_its_layout_and_answers_correctly() -> None:
     config = ModelConfig(name="cifar10_full", kind="cifar10_full", instances=2, threads=1)
     with ServerThread(settings(config)) as running:
         model = running.server.repository.get("cifar10_full")
-        assert model.batcher is not None
-        executor = model.batcher.executor
+        executor, servable = model.executor, model.servable
+        assert executor is not None and isinstance(servable, NetworkServable)
         assert (executor.instances, executor.threads) == (2, 1)
+        assert servable.threads == 1  # what the executor told the servable it serves
         x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
         with running.channel() as channel:
             responses = [
                 stub(channel).ModelInfer(infer_request("cifar10_full", x[i : i + 1]), timeout=30) for i in range(3)
             ]
-        network = executor.servable.network  # type: ignore[attr-defined]
         with torch.inference_mode():
-            expected = network(torch.from_numpy(x)).numpy()
+            expected = servable.network(torch.from_numpy(x)).numpy()
     got = np.concatenate([output_array(r) for r in responses])
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+# ---- out of memory: a batch in halves, one request in halves, down to one sample ----
+
+
+def lrn_work(x: np.ndarray, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0) -> Work:
+    return Work(
+        x.view(np.uint8).reshape(-1), x.shape, torch.float32, ("across", 5), {"alpha": alpha, "beta": beta, "k": k}
+    )
+
+
+def run_batch(executor: Executor, items: Sequence[Work]) -> BatchResult:
+    """``items`` as one batch through ``executor``, as the batcher submits it."""
+
+    async def submit() -> object:
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        executor.submit(items, future.set_result)
+        return await asyncio.wait_for(future, timeout=30)
+
+    result = asyncio.run(submit())
+    assert isinstance(result, BatchResult), result
+    return result
+
+
+def as_array(output: object, shape: tuple[int, ...]) -> np.ndarray:
+    assert isinstance(output, (bytes, memoryview)), output
+    return np.frombuffer(bytes(output), np.float32).reshape(shape)
+
+
+class TightMemory(LRNServable):
+    """The LRN op, out of memory for batches above ``fits`` samples and for any sample filled
+    with 13 (as torch's CPU allocator says it); records each attempt's sample count. Both compute
+    paths check, so the split is tested whichever one this CPU takes."""
+
+    def __init__(self, fits: int) -> None:
+        super().__init__(ModelConfig(name="lrn", kind="lrn"))
+        self.load(CPU)
+        self.fits = fits
+        self.attempts: list[int] = []
+
+    def _check(self, samples: np.ndarray) -> None:
+        self.attempts.append(len(samples))
+        if len(samples) > self.fits:
+            raise MemoryError(f"{len(samples)} samples do not fit")
+        if any(bool((sample == 13).all()) for sample in samples):
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+
+    def run(self, group: Hashable, x: torch.Tensor, scalars: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        self._check(x.reshape(x.shape[0], -1).numpy())
+        return super().run(group, x, scalars)
+
+    def run_raw(
+        self,
+        group: Hashable,
+        parts: Sequence[np.ndarray],
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        scalars: Mapping[str, np.ndarray],
+    ) -> np.ndarray | None:
+        if self._kernel is None:
+            return None  # run() checks
+        self._check(np.concatenate(parts).view(np.float32).reshape(shape[0], -1))
+        return super().run_raw(group, parts, shape, dtype, scalars)
+
+
+def test_out_of_memory_splits_one_request_and_joins_its_halves() -> None:
+    rng = np.random.default_rng(8)
+    x = (rng.standard_normal((6, 5, 3, 4)) * 3).astype(np.float32)
+    other = (rng.standard_normal((1, 5, 3, 4)) * 3).astype(np.float32)
+    servable = TightMemory(fits=2)
+    executor = Executor(servable, CPU, instances=1, threads=1)
+    try:
+        result = run_batch(executor, [lrn_work(x, 0.5, 0.75, 2.0), lrn_work(other, 1.5, 0.6, 1.0)])
+    finally:
+        executor.close()
+    # 7 samples fail; the first request alone (6) fails, so it is cut in halves of 3, each of
+    # which fails and is cut into 1 + 2; then the second request alone.
+    assert servable.attempts == [7, 6, 3, 1, 2, 3, 1, 2, 1]
+    first, second = result.outputs
+    expected = local_response_norm(torch.from_numpy(x), 5, 0.5, 0.75, 2.0).numpy()
+    np.testing.assert_array_equal(as_array(first, x.shape), expected)  # the joined halves: the unsplit answer
+    expected_other = local_response_norm(torch.from_numpy(other), 5, 1.5, 0.6, 1.0).numpy()
+    np.testing.assert_array_equal(as_array(second, other.shape), expected_other)
+
+
+def test_a_sample_that_never_fits_fails_its_request_alone() -> None:
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((4, 3, 2, 2)).astype(np.float32)
+    x[2] = 13.0
+    other = rng.standard_normal((1, 3, 2, 2)).astype(np.float32)
+    servable = TightMemory(fits=8)
+    executor = Executor(servable, CPU, instances=1, threads=1)
+    try:
+        failing, fine = run_batch(executor, [lrn_work(x), lrn_work(other)]).outputs
+    finally:
+        executor.close()
+    # 5 fail (13 inside); each request alone; the first in halves 2 + 2, the second half in 1 + 1.
+    assert servable.attempts == [5, 4, 2, 2, 1, 1, 1]
+    assert isinstance(failing, ResourceExhausted), failing
+    assert failing.message == "model 'lrn': out of cpu memory for one sample of shape [3, 2, 2]"
+    np.testing.assert_array_equal(as_array(fine, other.shape), local_response_norm(torch.from_numpy(other), 5).numpy())
+
+
+JOIN_FAILS = textwrap.dedent(
+    """
+    import asyncio
+
+    import numpy as np
+    import torch
+
+    from lrnserve.server.errors import ServingError
+    from lrnserve.server.executor import Executor
+    from lrnserve.server.servables import LRNServable
+    from lrnserve.server.settings import ModelConfig
+    from lrnserve.server.work import BatchResult, Work
+
+    HALF = 2**61  # bytes each half's output claims: joined, 2**62, more than any allocator gives
+
+
+    class HugeHalves(LRNServable):
+        # Out of memory above one sample; one sample's output claims HALF bytes. The claim is a
+        # view far past its one real byte: only lengths are taken of it, never its bytes, since
+        # the join's allocation fails before anything is copied.
+        computed = 0
+
+        def run_raw(self, group, parts, shape, dtype, scalars):
+            if shape[0] > 1:
+                raise MemoryError(f"{shape[0]} samples do not fit")
+            HugeHalves.computed += 1
+            return np.lib.stride_tricks.as_strided(np.zeros(1, np.uint8), (HALF,), (1,), writeable=False)
+
+        def run(self, group, x, scalars):
+            raise AssertionError("run_raw answers every batch here")
+
+
+    x = np.ones((2, 1, 1, 1), np.float32)
+    scalars = {"alpha": 1e-4, "beta": 0.75, "k": 1.0}
+    work = Work(x.view(np.uint8).reshape(-1), x.shape, torch.float32, ("across", 5), scalars)
+    executor = Executor(HugeHalves(ModelConfig(name="lrn", kind="lrn")), torch.device("cpu"), instances=1, threads=1)
+
+
+    async def main():
+        future = asyncio.get_running_loop().create_future()
+        executor.submit([work], future.set_result)
+        return await asyncio.wait_for(future, timeout=30)
+
+
+    result = asyncio.run(main())
+    executor.close()
+    assert isinstance(result, BatchResult), repr(result)
+    (output,) = result.outputs
+    assert isinstance(output, ServingError), type(output)
+    print(HugeHalves.computed, output.code.name, output.message)
+    """
+)
+
+
+def test_out_of_memory_joining_a_split_requests_output_fails_that_request() -> None:
+    # Both halves computed, but their output cannot be joined: a real MemoryError from the
+    # executor's own join (2**62 bytes asked of the allocator). In a child process, so that the
+    # over-long views its servable hands back stay out of the test process.
+    result = subprocess.run([sys.executable, "-c", JOIN_FAILS], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == "2 RESOURCE_EXHAUSTED model 'lrn': out of memory joining the output"

@@ -3,31 +3,48 @@
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import replace
 
 import grpc
 import numpy as np
 import pytest
 import torch
-from harness import ServerThread, gate_model, infer_request, lrn_model, output_array, settings, stub
+from harness import (
+    GatedLRN,
+    Probes,
+    ServerThread,
+    gated_server,
+    infer_request,
+    join_all,
+    lrn_model,
+    output_array,
+    settings,
+    stub,
+    wait_until,
+)
 
 from lrnserve.client import Client, ResourceExhausted
 from lrnserve.server.ops import local_response_norm
-from lrnserve.server.servables import LRNServable, Resolved
+from lrnserve.server.servables import Resolved
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[ServerThread]:
+def gated() -> Iterator[tuple[ServerThread, Probes]]:
     config = replace(
         settings(lrn_model("lrn", max_request_samples=8)),
         max_tensor_elements=100_000,
         max_tensor_bytes=300_000,
         max_inflight_bytes=1_000_000,
     )
-    with ServerThread(config) as running:
-        yield running
+    running, probes = gated_server(config)
+    with running:
+        yield running, probes
+
+
+@pytest.fixture(scope="module")
+def server(gated: tuple[ServerThread, Probes]) -> ServerThread:
+    return gated[0]
 
 
 def code_and_details(server: ServerThread, request: object) -> tuple[grpc.StatusCode, str]:
@@ -86,101 +103,113 @@ def test_per_tensor_bytes_and_samples(server: ServerThread) -> None:
     assert code == grpc.StatusCode.OK
 
 
-def test_inflight_byte_budget(server: ServerThread) -> None:
-    gated = gate_model(server)
-    gated.gate.clear()
+def test_inflight_byte_budget(gated: tuple[ServerThread, Probes]) -> None:
+    server, probes = gated
+    model = probes["lrn"]
     x = np.ones((1, 1, 250, 250), np.float32)  # 250 kB each; the budget is 1 MB
-    with server.channel() as channel:
-        held = [stub(channel).ModelInfer.future(infer_request("lrn", x), timeout=30) for _ in range(4)]
-        deadline = time.monotonic() + 10
-        while server.server.dataplane.inflight_bytes < 4 * x.nbytes:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        with pytest.raises(grpc.RpcError) as info:
-            stub(channel).ModelInfer(infer_request("lrn", x), timeout=30)
-        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "server busy" in info.value.details()
-        gated.gate.set()
-        for call in held:
-            assert output_array(call.result(timeout=30)).shape == x.shape
+    model.started.clear()
+    model.gate.clear()
+    try:
+        with server.channel() as channel:
+            held = [stub(channel).ModelInfer.future(infer_request("lrn", x), timeout=30) for _ in range(4)]
+            assert model.started.wait(10), "no held request started computing"
+            wait_until(lambda: server.server.dataplane.inflight_bytes == 4 * x.nbytes, "4 requests in flight")
+            with pytest.raises(grpc.RpcError) as info:
+                stub(channel).ModelInfer(infer_request("lrn", x), timeout=30)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "server busy" in info.value.details()
+            model.gate.set()
+            expected = local_response_norm(torch.from_numpy(x), 5).numpy()
+            for call in held:
+                np.testing.assert_array_equal(output_array(call.result(timeout=30)), expected)
+    finally:
+        model.gate.set()
     assert server.server.dataplane.inflight_bytes == 0
-    model = server.server.repository.get("lrn")
-    model.batcher.executor.servable = LRNServable(model.config)  # type: ignore[union-attr]
 
 
-class TightMemory(LRNServable):
-    """Runs out of memory on batches above ``fits`` samples, and on any sample filled with 13."""
+class TightMemory(GatedLRN):
+    """Runs out of memory on batches above ``fits`` samples, and on any sample filled with 13.
+
+    The checks sit in ``_enter``, which both compute paths (``run`` and the native ``run_raw``)
+    go through, so the split is tested whichever path this machine's CPU takes."""
 
     fits = 2
 
-    def run(self, group: object, x: torch.Tensor, scalars: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        if x.shape[0] > self.fits:
-            raise MemoryError(f"{x.shape[0]} samples do not fit")
-        if any(bool((sample == 13).all()) for sample in x):
+    def _enter(self, group: object, first_values: list[float]) -> None:
+        super()._enter(group, first_values)  # the gate, and the record of every attempt
+        if len(first_values) > self.fits:
+            raise MemoryError(f"{len(first_values)} samples do not fit")
+        if 13.0 in first_values:
             raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
-        return super().run(group, x, scalars)  # type: ignore[arg-type]
 
 
 def test_out_of_memory_splits_the_batch_and_fails_only_what_cannot_fit() -> None:
-    with ServerThread(settings(lrn_model("lrn", max_batch_size=8))) as running:
-        gated = gate_model(running)
-        model = running.server.repository.get("lrn")
-        gated.gate.clear()
-        with Client(running.target, timeout=30, retries=0) as client:
-            blocker = threading.Thread(target=client.lrn, args=(np.ones((1, 4, 3, 3), np.float32),))
-            blocker.start()
-            assert gated.started.wait(10)
-            model.batcher.executor.servable = TightMemory(model.config)  # type: ignore[union-attr]
-            results: dict[int, object] = {}
+    running, probes = gated_server(settings(lrn_model("lrn", max_batch_size=8)), probe=TightMemory)
+    with running:
+        tight = probes["lrn"]
+        batcher = running.server.repository.get("lrn").batcher
+        assert batcher is not None
+        tight.gate.clear()
+        results: dict[int, object] = {}
+        try:
+            with Client(running.target, timeout=30, retries=0) as client:
 
-            def send(i: int) -> None:
-                x = np.full((1, 4, 3, 3), 13.0 if i == 5 else float(i), np.float32)
-                try:
-                    results[i] = client.lrn(x)
-                except ResourceExhausted as exc:
-                    results[i] = exc
+                def send(i: int) -> None:
+                    x = np.full((1, 4, 3, 3), 13.0 if i == 5 else float(i), np.float32)
+                    try:
+                        results[i] = client.lrn(x)
+                    except Exception as exc:  # checked below, in the test's thread
+                        results[i] = exc
 
-            senders = [threading.Thread(target=send, args=(i,)) for i in range(8)]
-            for t in senders:
-                t.start()
-            deadline = time.monotonic() + 10
-            while model.batcher.queue_depth < 8:  # type: ignore[union-attr]
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
-            gated.gate.set()
-            for t in [blocker, *senders]:
-                t.join(timeout=30)
-        assert isinstance(results[5], ResourceExhausted) and "out of cpu memory" in str(results[5])
-        for i in (0, 1, 2, 3, 4, 6, 7):
+                blocker = threading.Thread(target=send, args=(-1,))
+                blocker.start()
+                assert tight.started.wait(10), "the blocker never started computing"
+                senders = [threading.Thread(target=send, args=(i,)) for i in range(8)]
+                for t in senders:
+                    t.start()
+                wait_until(lambda: batcher.queue_depth == 8, "8 requests queued behind the blocker")
+                tight.gate.set()
+                join_all([blocker, *senders], timeout=60)
+        finally:
+            tight.gate.set()
+        assert sorted(results) == list(range(-1, 8))
+        assert isinstance(results[5], ResourceExhausted), results[5]
+        assert "out of cpu memory" in str(results[5])
+        for i in (-1, 0, 1, 2, 3, 4, 6, 7):
             expected = local_response_norm(torch.full((1, 4, 3, 3), float(i)), 5).numpy()
-            np.testing.assert_array_equal(results[i], expected)  # type: ignore[arg-type]
+            np.testing.assert_array_equal(results[i], expected, err_msg=f"request {i}")  # type: ignore[arg-type]
+        # The 8 queued requests really were tried as one batch first, then in halves.
+        queued = [batch for batch in tight.batches if -1.0 not in batch]  # all but the blocker's
+        assert len(queued[0]) == 8, tight.batches
+        computed = [batch for batch in queued if len(batch) <= TightMemory.fits and 13.0 not in batch]
+        assert sorted({v for batch in computed for v in batch}) == [0, 1, 2, 3, 4, 6, 7], tight.batches
 
 
 def test_a_disconnected_clients_queued_request_is_dropped() -> None:
-    with ServerThread(settings(lrn_model("lrn", max_batch_size=8))) as running:
-        gated = gate_model(running)
+    running, probes = gated_server(settings(lrn_model("lrn", max_batch_size=8)))
+    with running:
+        gated = probes["lrn"]
+        batcher = running.server.repository.get("lrn").batcher
+        assert batcher is not None
         gated.gate.clear()
         keep = running.channel()
-        blocker = stub(keep).ModelInfer.future(
-            infer_request("lrn", np.full((1, 4, 3, 3), -1.0, np.float32)), timeout=30
-        )
-        assert gated.started.wait(10)
         leaving = running.channel()
-        gone = stub(leaving).ModelInfer.future(
-            infer_request("lrn", np.full((1, 4, 3, 3), 4.0, np.float32)), timeout=30
-        )  # keep the reference: dropping it would cancel the call, not disconnect
-        batcher = running.server.repository.get("lrn").batcher
-        deadline = time.monotonic() + 10
-        while batcher.queue_depth < 1:  # type: ignore[union-attr]
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        leaving.close()  # the client goes away with its request still queued
-        deadline = time.monotonic() + 10
-        while batcher.queue_depth > 0:  # type: ignore[union-attr]
-            assert time.monotonic() < deadline, "the server never noticed the client left"
-            time.sleep(0.01)
-        gated.gate.set()
-        blocker.result(timeout=30)
-        keep.close()
+        try:
+            blocker = stub(keep).ModelInfer.future(
+                infer_request("lrn", np.full((1, 4, 3, 3), -1.0, np.float32)), timeout=30
+            )
+            assert gated.started.wait(10), "the blocker never started computing"
+            gone = stub(leaving).ModelInfer.future(
+                infer_request("lrn", np.full((1, 4, 3, 3), 4.0, np.float32)), timeout=30
+            )  # keep the reference: dropping it would cancel the call, not disconnect
+            wait_until(lambda: batcher.queue_depth == 1, "the leaving client's request queued")
+            leaving.close()  # the client goes away with its request still queued
+            wait_until(lambda: batcher.queue_depth == 0, "the server noticed the client left")
+            gated.gate.set()
+            blocker.result(timeout=30)
+        finally:
+            gated.gate.set()
+            keep.close()
+            leaving.close()
         assert gone.done()
-        assert 4.0 not in [v for batch in gated.batches for v in batch]
+        assert gated.batches and all(batch == [-1.0] for batch in gated.batches)  # the leaver's never ran

@@ -158,9 +158,18 @@ def test_weights_round_trip(tmp_path: Path) -> None:
     x = torch.randn(3, 3, 32, 32)
     with torch.inference_mode():
         torch.testing.assert_close(loaded(x), source(x), rtol=0, atol=0)
+    # A training checkpoint: the state dict nested under "state_dict", beside other entries.
     nested = tmp_path / "checkpoint.pt"
-    torch.save({"state_dict": source.state_dict()}, nested)
-    create_network("cifar10_full", weights=nested)
+    torch.save({"state_dict": source.state_dict(), "epoch": 7}, nested)
+    from_checkpoint = create_network("cifar10_full", seed=3, weights=nested)
+    assert from_checkpoint.weights_source == str(nested)
+    saved = source.state_dict()
+    restored = from_checkpoint.state_dict()
+    assert list(restored) == list(saved)
+    for name, tensor in saved.items():
+        assert torch.equal(restored[name], tensor), name
+    with torch.inference_mode():
+        torch.testing.assert_close(from_checkpoint(x), source(x), rtol=0, atol=0)
 
 
 def test_weights_mismatch_is_a_clear_error(tmp_path: Path) -> None:

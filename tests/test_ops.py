@@ -164,6 +164,41 @@ def test_composed_path_matches_reference(mode: str, dtype: torch.dtype) -> None:
         assert_close(_composed(x, size, 0.9, 0.75, 1.1, mode), expected, rtol=rtol)
 
 
+def per_sample_reference(
+    x: np.ndarray, size: int, alpha: list[float], beta: list[float], k: list[float], mode: str
+) -> np.ndarray:
+    """Each sample with its own parameters, from the definition (the float64 loop reference)."""
+    samples = [lrn_reference(x[i : i + 1], size, alpha[i], beta[i], k[i], mode) for i in range(x.shape[0])]
+    return np.concatenate(samples)
+
+
+def composed_per_sample(
+    x: torch.Tensor, size: int, alpha: list[float], beta: list[float], k: list[float], mode: str
+) -> torch.Tensor:
+    """The composed op given one float64 value per sample, as the server's batches give it."""
+    alpha_t, beta_t, k_t = (torch.tensor(v, dtype=torch.float64) for v in (alpha, beta, k))
+    return local_response_norm_composed(x, size, alpha_t, beta_t, k_t, mode)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 8])
+def test_composed_path_per_sample_parameters(mode: str, size: int) -> None:
+    # The composed op (CUDA, compiler-less CPUs, autograd) with other alpha, beta and k in each
+    # sample, as a batch of requests with different parameters reaches it.
+    x = torch.randn(4, 7, 6, 5, generator=torch.Generator().manual_seed(size), dtype=torch.float64) * 3
+    alpha, beta, k = [1e-4, 0.5, 2.0, 0.0], [0.75, 0.5, 1.3, -0.4], [1.0, 2.0, 0.5, 3.0]
+    expected = per_sample_reference(x.numpy(), size, alpha, beta, k, mode)
+    assert_close(composed_per_sample(x, size, alpha, beta, k, mode), expected, rtol=1e-12)
+    # Each sample really needs its own parameters: the first sample's for all would differ.
+    shared = lrn_reference(x.numpy(), size, alpha[0], beta[0], k[0], mode)
+    for i in range(1, 4):
+        assert not np.allclose(expected[i], shared[i], rtol=1e-6), i
+    # float32 computes in float32, with the same per-sample parameters.
+    y32 = composed_per_sample(x.float(), size, alpha, beta, k, mode)
+    assert y32.dtype == torch.float32
+    assert_close(y32, per_sample_reference(x.float().double().numpy(), size, alpha, beta, k, mode), rtol=5e-6)
+
+
 def test_non_contiguous_input() -> None:
     base = torch.randn(2, 8, 6, 10, generator=torch.Generator().manual_seed(4))
     for x in (base[:, ::2, :, 1:7], base.to(memory_format=torch.channels_last), base.transpose(2, 3)):
@@ -228,7 +263,10 @@ X = torch.zeros(1, 2, 3, 3)
         ({"x": torch.zeros(1, 2, 3, 3, dtype=torch.int64)}, "x must have dtype float32, float64"),
         ({"x": np.zeros((1, 2, 3, 3))}, "x must be a torch.Tensor"),
         ({"alpha": [1e-4, 1e-4, 1e-4]}, "alpha must be a number or 1 numbers"),
-        ({"x": torch.zeros(2, 2, 3, 3), "k": [1.0, -2.0]}, r"k\[1\] must be a finite number in \(0, 3.4e38\]"),
+        (
+            {"x": torch.zeros(2, 2, 3, 3), "k": [1.0, -2.0]},
+            r"k\[1\] must be a finite number > 0 \(and <= 3\.403e\+38\), got -2\.0",
+        ),
         ({"alpha": 1e39}, "alpha must be a finite number >= 0 \\(and <= 3.403e\\+38\\)"),
         ({"k": 1e39}, "k must be a finite number > 0 \\(and <= 3.403e\\+38\\)"),
         ({"size": 2**31}, "size must be an integer >= 1"),

@@ -4,24 +4,30 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
 
 import grpc
 import numpy as np
 import pytest
 import torch
 from harness import (
+    GatedLRN,
     ServerThread,
+    gated_server,
     infer_request,
+    join_all,
     lrn_model,
     output_array,
+    requests_counted,
     settings,
     stub,
+    wait_until,
 )
 
 from lrnserve.client.pb import grpc_predict_v2_pb2 as pb
 from lrnserve.client.pb import health_pb2, health_pb2_grpc
 from lrnserve.server.ops import local_response_norm
-from lrnserve.server.servables import LRNServable
 from lrnserve.server.settings import ModelConfig
 
 CODE = grpc.StatusCode
@@ -42,6 +48,40 @@ def server() -> Iterator[ServerThread]:
 def channel(server: ServerThread) -> Iterator[grpc.Channel]:
     with server.channel() as ch:
         yield ch
+
+
+@pytest.fixture(scope="module")
+def gated() -> Iterator[tuple[ServerThread, GatedLRN]]:
+    """A server of one gated LRN model (one instance): tests hold its batches at will."""
+    running, probes = gated_server(settings(lrn_model("lrn", max_batch_size=32, max_queue_delay_us=2000)))
+    with running:
+        yield running, probes["lrn"]
+
+
+def statistics(channel: grpc.Channel, model: str) -> Any:
+    (entry,) = stub(channel).ModelStatistics(pb.ModelStatisticsRequest(name=model), timeout=10).model_stats
+    return entry
+
+
+def queue_depth(running: ServerThread) -> int:
+    batcher = running.server.repository.get("lrn").batcher
+    assert batcher is not None
+    return batcher.queue_depth
+
+
+@contextmanager
+def instance_held(running: ServerThread, gated: GatedLRN, channel: grpc.Channel) -> Iterator[None]:
+    """The model's one instance busy with a blocker request (filled with -1) until the block ends;
+    then the blocker must get its answer."""
+    gated.started.clear()
+    gated.gate.clear()
+    blocker = stub(channel).ModelInfer.future(infer_request("lrn", np.full((1, 2, 3, 3), -1.0, np.float32)), timeout=30)
+    try:
+        assert gated.started.wait(10), "the blocker never started computing"
+        yield
+    finally:
+        gated.gate.set()
+    assert output_array(blocker.result(timeout=30)).shape == (1, 2, 3, 3)
 
 
 def expect_error(call: object, request: object, code: grpc.StatusCode, *fragments: str) -> str:
@@ -138,13 +178,9 @@ def test_messages_larger_than_4mib_both_ways(channel: grpc.Channel) -> None:
 
 
 def test_concurrent_requests_with_different_parameters_each_get_their_own_answer(
-    channel: grpc.Channel, server: ServerThread
+    gated: tuple[ServerThread, GatedLRN],
 ) -> None:
-    records = []
-    model = server.server.repository.get("lrn")
-    assert model.batcher is not None
-    original = model.batcher._on_batch
-    model.batcher._on_batch = records.append
+    running, model = gated
     rng = np.random.default_rng(5)
     xs = [rng.standard_normal((1, 6, 4, 4)).astype(np.float32) for _ in range(64)]
     params = [
@@ -156,28 +192,36 @@ def test_concurrent_requests_with_different_parameters_each_get_their_own_answer
         for _ in range(64)
     ]
     results: dict[int, np.ndarray] = {}
-    barrier = threading.Barrier(64)
+    errors: list[BaseException] = []
 
-    def call(i: int) -> None:
-        barrier.wait(timeout=30)
-        results[i] = output_array(stub(channel).ModelInfer(infer_request("lrn", xs[i], params[i]), timeout=60))
+    def call(channel: grpc.Channel, i: int) -> None:
+        try:
+            response = stub(channel).ModelInfer(infer_request("lrn", xs[i], params[i]), timeout=60)
+            results[i] = output_array(response)
+        except BaseException as exc:  # asserted in the test's thread
+            errors.append(exc)
 
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(64)]
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=60)
-    finally:
-        model.batcher._on_batch = original
-    assert len(results) == 64
+    with running.channel() as channel:
+        before = statistics(channel, "lrn")
+        # All 64 queue behind a held batch, so that they are batched together whatever the timing.
+        with instance_held(running, model, channel):
+            threads = [threading.Thread(target=call, args=(channel, i)) for i in range(64)]
+            for t in threads:
+                t.start()
+            wait_until(lambda: queue_depth(running) == 64, "64 requests queued behind the held batch")
+        join_all(threads, timeout=60)
+        after = statistics(channel, "lrn")
+    assert not errors, errors[:3]
+    assert sorted(results) == list(range(64))
     for i in range(64):
         p = params[i]
         expected = local_response_norm(torch.from_numpy(xs[i]), 5, p["alpha"], p["beta"], p["k"]).numpy()
         np.testing.assert_allclose(results[i], expected, rtol=1e-6, err_msg=f"request {i}")
-    # They really were batched together (else the per-sample parameters went untested).
-    assert max(r.requests for r in records) > 1
-    assert sum(r.requests for r in records) == 64
+    # They really were batched together (else the per-sample parameters went untested): the
+    # server counts 64 + 1 (the blocker) samples in far fewer executions than requests.
+    assert after.inference_count - before.inference_count == 65
+    executions = after.execution_count - before.execution_count
+    assert 1 + 2 <= executions < 65, executions  # max_batch_size 32: at least two batches for the 64
 
 
 # ---- every status-code branch ----
@@ -223,13 +267,18 @@ INVALID: Mapping[str, tuple[pb.ModelInferRequest, tuple[str, ...]]] = {
     "no data": (edited(good(), raw=[]), ("inputs[0]", "no tensor data")),
     "input name": (edited(good(), name="images"), ("inputs[0].name", "'images'", "'input'")),
     "unknown parameter": (good(sizee=3), ("parameters.sizee", "accepted: mode, size, alpha, beta, k")),
-    "mode": (good(mode="spatial"), ("parameters.mode", "'across' or 'within'", "spatial")),
-    "size type": (good(size=2.5), ("parameters.size", "integer")),
-    "size range": (good(size=0), ("parameters.size", "[1, 4096]")),
-    "alpha negative": (good(alpha=-1.0), ("parameters.alpha", ">= 0")),
-    "alpha type": (good(alpha="big"), ("parameters.alpha", "a finite number")),
-    "beta nan": (good(beta=float("nan")), ("parameters.beta", "finite")),
-    "k zero": (good(k=0), ("parameters.k", "> 0")),
+    "mode": (good(mode="spatial"), ("parameters.mode must be one of 'across', 'within', got 'spatial'",)),
+    "size type": (good(size=2.5), ("parameters.size must be an integer >= 1 (and <= 4096), got 2.5",)),
+    "size range": (good(size=0), ("parameters.size must be an integer >= 1 (and <= 4096), got 0",)),
+    "size too large": (good(size=4097), ("parameters.size must be an integer >= 1 (and <= 4096), got 4097",)),
+    "alpha negative": (
+        good(alpha=-1.0),
+        ("parameters.alpha must be a finite number >= 0 (and <= 3.403e+38), got -1.0",),
+    ),
+    "alpha too large": (good(alpha=1e39), ("parameters.alpha must be a finite number >= 0 (and <= 3.403e+38)",)),
+    "alpha type": (good(alpha="big"), ("parameters.alpha must be a number, got 'big'",)),
+    "beta nan": (good(beta=float("nan")), ("parameters.beta must be a finite number, got nan",)),
+    "k zero": (good(k=0), ("parameters.k must be a finite number > 0 (and <= 3.403e+38), got 0",)),
     "timeout type": (good(timeout="soon"), ("parameters.timeout", "microseconds")),
     "network shape": (
         infer_request("cifar10_full", np.ones((1, 3, 30, 30), np.float32)),
@@ -292,26 +341,90 @@ def test_tensor_over_the_size_limit_is_resource_exhausted(channel: grpc.Channel)
     expect_error(stub(channel).ModelInfer, big, CODE.RESOURCE_EXHAUSTED)
 
 
-class FailingLRN(LRNServable):
-    """A model whose run fails with an unexpected exception."""
+def test_unexpected_failure_is_internal_with_a_generic_message(gated: tuple[ServerThread, GatedLRN]) -> None:
+    running, model = gated
+    with running.channel() as channel:
+        model.failure = RuntimeError("secret internal detail")
+        try:
+            computed = len(model.batches)
+            details = expect_error(stub(channel).ModelInfer, good(), CODE.INTERNAL, "internal")
+            assert "secret" not in details
+            assert len(model.batches) == computed + 1  # it failed inside its batch
+        finally:
+            model.failure = None
+        # The server keeps serving.
+        response = stub(channel).ModelInfer(good(), timeout=30)
+        np.testing.assert_array_equal(output_array(response), local_response_norm(torch.ones(1, 2, 3, 3), 5).numpy())
 
-    def run(self, group: object, x: torch.Tensor, scalars: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        raise RuntimeError("secret internal detail")
+
+# ---- deadlines: the server's own (the timeout parameter) and the caller's (gRPC) ----
 
 
-def test_unexpected_failure_is_internal_with_a_generic_message(server: ServerThread, channel: grpc.Channel) -> None:
-    model = server.server.repository.get("lrn")
-    assert model.batcher is not None
-    executor = model.batcher.executor
-    original = executor.servable
-    executor.servable = FailingLRN(original.config)
-    try:
-        details = expect_error(stub(channel).ModelInfer, good(), CODE.INTERNAL, "internal")
-        assert "secret" not in details
-    finally:
-        executor.servable = original
-    # The server keeps serving.
-    assert stub(channel).ModelInfer(good(), timeout=30).outputs[0].name == "output"
+def test_timeout_parameter_expires_while_queued(gated: tuple[ServerThread, GatedLRN]) -> None:
+    running, model = gated
+    port = running.server.metrics_port
+    assert port
+    expired_before = requests_counted(port, "lrn", "DEADLINE_EXCEEDED")
+    x = np.full((1, 2, 3, 3), 7.0, np.float32)
+    with running.channel() as channel, instance_held(running, model, channel):
+        call = stub(channel).ModelInfer.future(infer_request("lrn", x, {"timeout": 1_000_000}), timeout=30)
+        wait_until(lambda: queue_depth(running) == 1, "the request queued behind the held batch")
+        with pytest.raises(grpc.RpcError) as info:
+            call.result(timeout=30)  # the held batch never finishes first: the server's timer fires
+        assert info.value.code() == CODE.DEADLINE_EXCEEDED, info.value.details()
+        assert "in the queue" in info.value.details()
+        assert queue_depth(running) == 0
+    assert requests_counted(port, "lrn", "DEADLINE_EXCEEDED") == expired_before + 1
+    assert 7.0 not in [v for batch in model.batches for v in batch]  # it never computed
+
+
+def test_caller_cancelling_while_queued_is_counted_cancelled(gated: tuple[ServerThread, GatedLRN]) -> None:
+    running, model = gated
+    port = running.server.metrics_port
+    assert port
+    cancelled_before = requests_counted(port, "lrn", "CANCELLED")
+    expired_before = requests_counted(port, "lrn", "DEADLINE_EXCEEDED")
+    x = np.full((1, 2, 3, 3), 8.0, np.float32)
+    with running.channel() as channel, instance_held(running, model, channel):
+        call = stub(channel).ModelInfer.future(infer_request("lrn", x), timeout=30)
+        wait_until(lambda: queue_depth(running) == 1, "the request queued behind the held batch")
+        assert call.cancel()
+        wait_until(
+            lambda: requests_counted(port, "lrn", "CANCELLED") == cancelled_before + 1,
+            "the server counted the cancelled request",
+        )
+        assert queue_depth(running) == 0  # it left the queue at once
+    assert requests_counted(port, "lrn", "DEADLINE_EXCEEDED") == expired_before
+    assert 8.0 not in [v for batch in model.batches for v in batch]
+
+
+def test_caller_deadline_passing_while_queued_is_counted_deadline_exceeded(
+    gated: tuple[ServerThread, GatedLRN],
+) -> None:
+    running, model = gated
+    port = running.server.metrics_port
+    assert port
+
+    def counted() -> tuple[float, float]:
+        return requests_counted(port, "lrn", "DEADLINE_EXCEEDED"), requests_counted(port, "lrn", "CANCELLED")
+
+    expired_before, cancelled_before = counted()
+    x = np.full((1, 2, 3, 3), 9.0, np.float32)
+    with running.channel() as channel, instance_held(running, model, channel):
+        # Three callers whose own gRPC deadline (no timeout parameter) passes while they wait.
+        calls = [stub(channel).ModelInfer.future(infer_request("lrn", x), timeout=1.0) for _ in range(3)]
+        wait_until(lambda: queue_depth(running) == 3, "the requests queued behind the held batch", timeout=0.9)
+        for call in calls:
+            with pytest.raises(grpc.RpcError) as info:
+                call.result(timeout=30)
+            assert info.value.code() == CODE.DEADLINE_EXCEEDED
+        wait_until(lambda: sum(counted()) == expired_before + cancelled_before + 3, "the server counted all three")
+        assert queue_depth(running) == 0
+    expired, cancelled = counted()
+    assert (expired - expired_before, cancelled - cancelled_before) == (3, 0), (
+        "a caller's deadline that passed must be counted DEADLINE_EXCEEDED, not CANCELLED"
+    )
+    assert 9.0 not in [v for batch in model.batches for v in batch]
 
 
 def test_unavailable_while_draining(server: ServerThread, channel: grpc.Channel) -> None:

@@ -29,7 +29,7 @@ from .settings import ServerSettings, check_security
 from .telemetry import Telemetry
 from .transport.auth import TokenAuth
 from .transport.health import HealthService
-from .transport.service import Guarded, InferenceService
+from .transport.service import Guarded, InferenceService, quiet_departures
 from .transport.wire import add_inference_service
 
 logger = logging.getLogger(__name__)
@@ -117,6 +117,7 @@ class LrnServer:
         interceptors = []
         if self.settings.token is not None:
             interceptors.append(TokenAuth(self.settings.token.reveal(), self.telemetry.auth_rejected))
+        quiet_departures()
         server = grpc.aio.server(interceptors=interceptors, options=grpc_options(self.settings))
         add_inference_service(server, Guarded(InferenceService(self.dataplane)))
         health_pb2_grpc.add_HealthServicer_to_server(Guarded(self.health), server)  # type: ignore[arg-type]

@@ -103,15 +103,51 @@ class Guarded:
 # that pinned every refused request's message until a full garbage collection.
 
 
+class QuietDepartures(logging.Filter):
+    """gRPC logs an ERROR with a traceback when a handler answers a call whose caller already
+    left (the deadline passed, or the peer went away, between the handler's last look and the
+    send). That is an ordinary event, not a server fault: keep it at debug level."""
+
+    MESSAGE = "ExecuteBatchError raised in core by servicer method"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith(self.MESSAGE):
+            return True
+        logger.debug("a caller left before its answer could be sent (%s)", record.getMessage())
+        return False
+
+
+def quiet_departures() -> None:
+    """Install ``QuietDepartures`` on gRPC's server logger (once)."""
+    grpc_logger = logging.getLogger("grpc._cython.cygrpc")
+    if not any(isinstance(f, QuietDepartures) for f in grpc_logger.filters):
+        grpc_logger.addFilter(QuietDepartures())
+
+
+def _caller_gone(context: Context) -> bool:
+    """The call ended on the caller's side (cancelled, or past its deadline): nothing can be sent."""
+    remaining = context.time_remaining()
+    return context.done() or (remaining is not None and remaining <= 0)
+
+
 def _wrap_unary(method: str, inner: Unary) -> Unary:
     async def call(request: Any, context: Context) -> Any:
         try:
-            return await inner(request, context)
+            response = await inner(request, context)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:
             code, message = _status_for(exc, method)
+        else:
+            if not _caller_gone(context):
+                return response
+            code, message = grpc.StatusCode.OK, ""
         del request
+        if _caller_gone(context):
+            # Answering a call whose caller left fails inside gRPC, which logs it as an error;
+            # it is an ordinary event (the data plane counted its outcome), so end quietly.
+            logger.debug("%s: the caller left before its answer (%s)", method, code.name)
+            raise asyncio.CancelledError
         await context.abort(code, message)
 
     return call
@@ -128,6 +164,9 @@ def _wrap_stream(method: str, inner: Streaming) -> Streaming:
         except Exception as exc:
             code, message = _status_for(exc, method)
         del request
+        if _caller_gone(context):
+            logger.debug("%s: the caller left before its answer (%s)", method, code.name)
+            raise asyncio.CancelledError
         await context.abort(code, message)
 
     return call

@@ -58,7 +58,8 @@ def build_parser(prog: str = "lrnserve serve") -> argparse.ArgumentParser:
         prog=prog,
         description="Run the gRPC inference server. Without --config it serves the embedded models "
         f"{', '.join(KINDS)}. Settings: flags > LRNSERVE_* environment variables > config file > defaults "
-        "(docs/settings.md). TLS is required unless --plaintext is given. SIGTERM/SIGINT drain, then exit 0 (3 if the grace period ran out first).",
+        "(docs/settings.md). TLS is required unless --plaintext is given. SIGTERM/SIGINT drain, then "
+        "exit 0 (3 if the grace period ran out first).",
     )
     add_arguments(parser)
     return parser

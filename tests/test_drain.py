@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -231,6 +232,94 @@ def test_sigterm_drains_a_request_in_compute_and_the_queued_ones(tmp_path: Path)
         log = server.log()
         assert "SIGTERM received: draining" in log
         assert "stopped (drained)" in log
+
+
+class HoldingProxy:
+    """A loopback TCP proxy that forwards a client's bytes to ``target`` until ``hold_after``
+    of them have passed, then holds the rest until ``release``: a request caught mid-receipt.
+    Bytes from the server always flow."""
+
+    def __init__(self, target: str, hold_after: int) -> None:
+        self._target = target
+        self._hold_after = hold_after
+        self.forwarded = 0
+        self.holding = threading.Event()
+        self._released = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._threads = [threading.Thread(target=self._accept, name="proxy-accept", daemon=True)]
+        self._sockets: list[socket.socket] = [self._listener]
+        self._threads[0].start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            client, _ = self._listener.accept()
+            host, port = self._target.rsplit(":", 1)
+            server = socket.create_connection((host, int(port)))
+            self._sockets += [client, server]
+            for source, sink, held in ((client, server, True), (server, client, False)):
+                pump = threading.Thread(target=self._pump, args=(source, sink, held), daemon=True)
+                self._threads.append(pump)
+                pump.start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, held: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if held and self.forwarded >= self._hold_after and not self._released.is_set():
+                    self.holding.set()
+                    self._released.wait(timeout=WAIT)
+                sink.sendall(data)
+                if held:
+                    self.forwarded += len(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def release(self) -> None:
+        self._released.set()
+
+    def close(self) -> None:
+        self._released.set()
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.close()
+        for thread in self._threads:
+            thread.join(timeout=10)
+
+
+def test_a_request_still_arriving_at_sigterm_is_served(tmp_path: Path) -> None:
+    """A call whose 4 MiB message is a quarter received when SIGTERM arrives began before the
+    drain: it is served, while a call begun after the drain started is refused."""
+    big = np.full((1, 16, 256, 256), 6.0, np.float32)
+    with gated_server(tmp_path, "--grace", "60") as server:
+        proxy = HoldingProxy(server.target, hold_after=1 << 20)
+        arriving_channel = grpc.insecure_channel(proxy.address, options=[("grpc.max_receive_message_length", 64 << 20)])
+        try:
+            calls = hold_one_computing_and_queue(server, -1.0, [2.0])
+            arriving = stub(arriving_channel).ModelInfer.future(infer_request("lrn", big), timeout=WAIT)
+            assert proxy.holding.wait(timeout=WAIT), "the proxy never held the message"
+            # Three calls the server has begun: computing, queued, and the one still arriving.
+            until(
+                lambda: metric_value(scrape(server.metrics_port), "lrnserve_calls_in_progress") == 3,
+                "the server began the call whose message is arriving",
+            )
+
+            server.proc.send_signal(signal.SIGTERM)
+            server.wait_not_serving()
+            with pytest.raises(grpc.RpcError) as refused:
+                server.stub.ModelInfer(infer_request("lrn", sample(5.5)), timeout=WAIT)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value.details()
+
+            proxy.release()
+            server.wait_queue_depth(2)  # the arrived request queued behind the one that waits
+            server.open_gate()
+            for fill, call in zip([-1.0, 2.0], calls, strict=True):
+                np.testing.assert_array_equal(output_array(call.result(timeout=WAIT)), expected(sample(fill)))
+            np.testing.assert_array_equal(output_array(arriving.result(timeout=WAIT)), expected(big))
+            assert server.exit_code() == 0, server.log()
+            assert server.remaining_lines() == ["computing 2.0", "computing 6.0"]
+        finally:
+            arriving_channel.close()
+            proxy.close()
 
 
 def test_grace_period_cut_short(tmp_path: Path) -> None:

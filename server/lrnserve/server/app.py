@@ -28,6 +28,7 @@ from .servables import create_servable
 from .settings import ServerSettings, check_security
 from .telemetry import Telemetry
 from .transport.auth import TokenAuth
+from .transport.calls import CallTracker
 from .transport.health import HealthService
 from .transport.service import Guarded, InferenceService, quiet_departures
 from .transport.wire import add_inference_service
@@ -103,6 +104,7 @@ class LrnServer:
         self.grpc_port = 0
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
+        self._calls: CallTracker | None = None
         self._metrics_http: tuple[WSGIServer, threading.Thread] | None = None
         self._stopped = asyncio.Event()
         self.drained = True
@@ -119,7 +121,9 @@ class LrnServer:
             interceptors.append(TokenAuth(self.settings.token.reveal(), self.telemetry.auth_rejected))
         quiet_departures()
         server = grpc.aio.server(interceptors=interceptors, options=grpc_options(self.settings))
-        add_inference_service(server, Guarded(InferenceService(self.dataplane)))
+        self._calls = add_inference_service(
+            server, Guarded(InferenceService(self.dataplane)), self.telemetry.calls_in_progress
+        )
         health_pb2_grpc.add_HealthServicer_to_server(Guarded(self.health), server)  # type: ignore[arg-type]
         reflection.enable_server_reflection((INFERENCE_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
         bind = f"{self.settings.host}:{self.settings.grpc_port}"
@@ -168,15 +172,22 @@ class LrnServer:
         logger.info("metrics on %s://%s:%d/metrics", scheme, self.settings.host, self.metrics_port)
 
     async def stop(self, grace: float | None = None) -> bool:
-        """Drain and stop; True when every queued and running request finished in time."""
+        """Drain and stop; True when every call begun before the drain finished in time.
+
+        Health goes NOT_SERVING and new calls are refused with UNAVAILABLE at once; every call
+        already begun (computing, queued, or with its message still arriving) is served; the
+        port closes when they are done or ``grace`` seconds have passed."""
         if self._stopped.is_set():
             return True
         grace = self.settings.grace_seconds if grace is None else grace
         deadline = time.monotonic() + grace
-        self.dataplane.draining = True
+        self.dataplane.begin_drain()
         await self.health.close()
+        drained = True
+        if self._calls is not None:
+            drained = await self._calls.wait_finished(self.dataplane.drain_started, grace)
         self.repository.close()
-        drained = await self.repository.drain(grace)
+        drained = await self.repository.drain(max(0.0, deadline - time.monotonic())) and drained
         if not drained:
             logger.warning("grace period of %.1fs ended with requests still queued or running", grace)
         # Requests still queued now fail with UNAVAILABLE ("never ran: retry elsewhere") from

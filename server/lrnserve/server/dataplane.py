@@ -8,6 +8,7 @@ the answer. Its outcome is reported to telemetry in one place, whatever happened
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 
 import grpc
@@ -68,6 +69,8 @@ class DataPlane:
         self.telemetry = telemetry
         self.extensions = extensions
         self.draining = False
+        # Calls that began before this (time.monotonic()) are still served while draining.
+        self.drain_started = -math.inf
         self.inflight_bytes = 0
         self.max_inflight_bytes = settings.max_inflight_bytes
         self._limits = {
@@ -130,8 +133,14 @@ class DataPlane:
         finally:
             self.telemetry.request_finished(request.model, code, time.monotonic() - arrival)
 
+    def begin_drain(self) -> None:
+        """Refuse calls that begin from now on; those already begun (even if their message is
+        still arriving) are served."""
+        self.drain_started = time.monotonic()
+        self.draining = True
+
     def _route(self, request: InferenceRequest) -> ServedModel:
-        if self.draining:
+        if self.draining and (request.started is None or request.started >= self.drain_started):
             raise Unavailable("server is shutting down; retry on another replica")
         model = self.repository.get(request.model, request.version)
         if not model.ready or model.batcher is None or model.servable is None:

@@ -42,6 +42,8 @@ class InferenceRequest:
     time_remaining: float | None = None
     # How many raw_input_contents entries the message carried (must match the inputs).
     raw_count: int = 0
+    # When the call began (time.monotonic()), before its message arrived; None if unknown.
+    started: float | None = None
 
 
 @dataclass(frozen=True)

@@ -109,6 +109,11 @@ class Metrics:
             "lrnserve_auth_failures", "Calls refused for a missing or wrong bearer token.", registry=registry
         )
         self.inflight = Gauge("lrnserve_inflight_requests", "ModelInfer requests being handled now.", registry=registry)
+        self.calls = Gauge(
+            "lrnserve_calls_in_progress",
+            "Inference calls begun and not yet ended, including those whose request is still arriving.",
+            registry=registry,
+        )
         self.queue_depth = Gauge(
             "lrnserve_queue_depth", "Requests waiting in the model's queue.", ["model"], registry=registry
         )

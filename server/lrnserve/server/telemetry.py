@@ -42,8 +42,8 @@ class ModelTelemetry:
 class Telemetry:
     """The server's observations: request outcomes, batches, loads, refused tokens.
 
-    Contract: called on the event loop thread only (statistics take no lock); ``served`` is
-    fixed at start-up.
+    Contract: called on the event loop thread (statistics take no lock), except
+    ``calls_in_progress``; ``served`` is fixed at start-up.
     """
 
     def __init__(self, served: Iterable[str], metrics: Metrics | None) -> None:
@@ -68,6 +68,12 @@ class Telemetry:
         if self.metrics is not None:
             self.metrics.inflight.dec()
             self.metrics.record_request(label, code.name, seconds)
+
+    def calls_in_progress(self, count: int) -> None:
+        """Inference-service calls begun and not yet ended, their message possibly still arriving
+        (from any thread: the last reference to a call may go on gRPC's)."""
+        if self.metrics is not None:
+            self.metrics.calls.set(count)
 
     def auth_rejected(self) -> None:
         if self.metrics is not None:

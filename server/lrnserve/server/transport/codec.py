@@ -23,6 +23,7 @@ from ..inference import (
     ServerMetadata,
 )
 from ..statistics import Duration, ModelStatistics
+from .calls import call_started
 from .wire import InferRequestWire, encode_infer_response
 
 
@@ -75,6 +76,7 @@ def request_from_wire(wire: InferRequestWire, time_remaining: float | None) -> I
         requested_outputs=tuple(output.name for output in message.outputs),
         time_remaining=time_remaining,
         raw_count=len(raw),
+        started=call_started(),
     )
 
 

@@ -16,7 +16,7 @@ ModelInfer the server:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,8 @@ import grpc
 
 from lrnserve.client.pb import grpc_predict_v2_pb2 as pb
 from lrnserve.client.pb import grpc_predict_v2_pb2_grpc as pb_grpc
+
+from .calls import CallTracker
 
 RAW_INPUT_FIELD = pb.ModelInferRequest.RAW_INPUT_CONTENTS_FIELD_NUMBER
 RAW_OUTPUT_FIELD = pb.ModelInferResponse.RAW_OUTPUT_CONTENTS_FIELD_NUMBER
@@ -143,9 +145,14 @@ class _Recorder:
         self.handlers = dict(handlers)
 
 
-def add_inference_service(server: grpc.aio.Server, servicer: Any) -> None:
+def add_inference_service(
+    server: grpc.aio.Server, servicer: Any, on_calls: Callable[[int], None] | None = None
+) -> CallTracker:
     """The generated registration, except that ModelInfer takes ``InferRequestWire`` and
-    returns the serialized response as ``bytes``."""
+    returns the serialized response as ``bytes``, and that every call is tracked from its start
+    (returned: the tracker; ``on_calls`` hears how many are in progress). The handlers are
+    registered as generic ones only: gRPC's registered-method path skips the lookup the
+    tracker hooks into."""
     recorder = _Recorder()
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, recorder)  # type: ignore[arg-type]
     handlers = recorder.handlers
@@ -153,5 +160,6 @@ def add_inference_service(server: grpc.aio.Server, servicer: Any) -> None:
         servicer.ModelInfer, request_deserializer=decode_infer_request, response_serializer=None
     )
     name = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
-    server.add_registered_method_handlers(name, handlers)
+    tracker = CallTracker(grpc.method_handlers_generic_handler(name, handlers), on_calls)
+    server.add_generic_rpc_handlers((tracker,))
+    return tracker

@@ -36,6 +36,7 @@ from lrnserve.server.app import LrnServer
 from lrnserve.server.repository import ServableFactory
 from lrnserve.server.servables import LRNServable, Servable, create_servable
 from lrnserve.server.settings import BatchingPolicy, ModelConfig, ServerSettings
+from lrnserve.server.work import Abandonment
 
 T = TypeVar("T")
 WIRE = {np.dtype("float32"): "FP32", np.dtype("float64"): "FP64", np.dtype("float16"): "FP16"}
@@ -227,9 +228,15 @@ class GatedLRN(LRNServable):
         if mode in self.fail_modes:
             raise RuntimeError(f"model failure in mode {mode}")
 
-    def run(self, group: object, x: torch.Tensor, scalars: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def run(
+        self,
+        group: object,
+        x: torch.Tensor,
+        scalars: Mapping[str, torch.Tensor],
+        abandonment: Abandonment | None = None,
+    ) -> torch.Tensor:
         self._enter(group, [float(sample.reshape(-1)[0]) for sample in x])
-        return super().run(group, x, scalars)
+        return super().run(group, x, scalars, abandonment)
 
     def run_raw(
         self,

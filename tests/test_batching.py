@@ -29,7 +29,7 @@ from lrnserve.server.executor import Executor
 from lrnserve.server.ops import local_response_norm
 from lrnserve.server.servables import LRNServable
 from lrnserve.server.settings import BatchingPolicy, ModelConfig
-from lrnserve.server.work import BatchRecord, BatchResult, Done, Output, Work
+from lrnserve.server.work import Abandonment, BatchAbandoned, BatchRecord, BatchResult, Done, Output, Work
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -136,6 +136,7 @@ class Submitted:
     items: list[Work]
     done: Done
     at: float  # time.monotonic() when the batcher handed it over
+    abandonment: Abandonment
     finished: bool = False
 
 
@@ -153,10 +154,11 @@ class FakeRunner:
     def instances(self) -> int:
         return self._instances
 
-    def submit(self, items: Sequence[Work], done: Done) -> None:
+    def submit(self, items: Sequence[Work], done: Done, abandonment: Abandonment | None = None) -> None:
         assert items, "the batcher submitted an empty batch"
         assert sum(not b.finished for b in self.batches) < self._instances, "more batches at once than instances"
-        self.batches.append(Submitted(list(items), done, time.monotonic()))
+        assert abandonment is not None and not abandonment.abandoned, "a batch must start with someone waiting"
+        self.batches.append(Submitted(list(items), done, time.monotonic(), abandonment))
         self._submitted.set()
 
     @property
@@ -201,12 +203,16 @@ class FakeRunner:
 class RecordingObserver:
     records: list[BatchRecord] = field(default_factory=list)
     depths: list[int] = field(default_factory=list)
+    expired: int = 0
 
     def batch_finished(self, record: BatchRecord) -> None:
         self.records.append(record)
 
     def queue_depth(self, depth: int) -> None:
         self.depths.append(depth)
+
+    def request_expired(self) -> None:
+        self.expired += 1
 
 
 class Rig:
@@ -442,6 +448,32 @@ async def test_a_runner_that_answers_too_few_outputs_fails_its_batch_and_the_bat
 
 
 @on_loop
+async def test_a_batch_whose_callers_all_left_is_abandoned_and_counted() -> None:
+    rig = Rig(max_batch_size=8, max_queue_delay_us=0)
+    blocker = await rig.occupy()
+    leaving = [rig.send(1.0), rig.send(2.0)]
+    staying = rig.send(3.0, mode="within")
+    await rig.queued(3)
+    rig.runner.finish(0)
+    await rig.batches(2)
+    abandonment = rig.runner.batches[1].abandonment
+    assert rig.runner.values[1] == [1.0, 2.0]
+    leaving[0].cancel()
+    await until(leaving[0].done)
+    assert not abandonment.abandoned, "one caller of the batch still waits"
+    leaving[1].cancel()
+    await until(leaving[1].done)
+    assert abandonment.abandoned, "every caller of the batch left, but the runner is not told"
+    rig.runner.fail(1, BatchAbandoned())  # what the executor answers when it stops early
+    await rig.batches(3)
+    assert not rig.runner.batches[2].abandonment.abandoned
+    rig.runner.finish(2)
+    assert answer_values(await settled(staying)) == [3.0]
+    await settled(blocker)
+    assert [(r.failed, r.abandoned) for r in rig.observer.records] == [(False, False), (True, True), (False, False)]
+
+
+@on_loop
 async def test_a_request_that_fails_inside_a_batch_fails_alone() -> None:
     rig = Rig(max_batch_size=8, max_queue_delay_us=0)
     blocker = await rig.occupy()
@@ -540,6 +572,7 @@ async def test_expired_requests_are_dropped_before_compute() -> None:
         assert info.value.code == CODE.DEADLINE_EXCEEDED
         assert "deadline passed" in info.value.message
     assert rig.batcher.queue_depth == 1  # they left the queue
+    assert rig.observer.expired == 2  # and were counted
     rig.runner.finish(0)
     await rig.batches(2)
     rig.runner.finish(1)

@@ -11,15 +11,16 @@ import threading
 from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
+import pytest
 import torch
 from harness import ServerThread, infer_request, output_array, settings, stub
 
 from lrnserve.server.errors import ResourceExhausted
-from lrnserve.server.executor import Executor, Work, instance_layout
+from lrnserve.server.executor import Executor, instance_layout
 from lrnserve.server.ops import local_response_norm
 from lrnserve.server.servables import LRNServable, NetworkServable, create_servable
 from lrnserve.server.settings import ModelConfig
-from lrnserve.server.work import BatchResult
+from lrnserve.server.work import Abandonment, BatchAbandoned, BatchResult, Work
 
 CPU = torch.device("cpu")
 
@@ -50,7 +51,9 @@ class Recording(LRNServable):
         self.meeting = threading.Barrier(together, timeout=20)
         self.seen: list[tuple[str, int]] = []
 
-    def run(self, group: Hashable, x: torch.Tensor, scalars: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def run(
+        self, group: Hashable, x: torch.Tensor, scalars: Mapping[str, torch.Tensor], abandonment: object = None
+    ) -> torch.Tensor:
         self.seen.append((threading.current_thread().name, torch.get_num_threads()))
         self.meeting.wait()  # BrokenBarrierError unless the instances really run side by side
         return super().run(group, x, scalars)
@@ -154,7 +157,9 @@ class TightMemory(LRNServable):
         if any(bool((sample == 13).all()) for sample in samples):
             raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
 
-    def run(self, group: Hashable, x: torch.Tensor, scalars: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def run(
+        self, group: Hashable, x: torch.Tensor, scalars: Mapping[str, torch.Tensor], abandonment: object = None
+    ) -> torch.Tensor:
         self._check(x.reshape(x.shape[0], -1).numpy())
         return super().run(group, x, scalars)
 
@@ -221,7 +226,7 @@ JOIN_FAILS = textwrap.dedent(
     from lrnserve.server.executor import Executor
     from lrnserve.server.servables import LRNServable
     from lrnserve.server.settings import ModelConfig
-    from lrnserve.server.work import BatchResult, Work
+    from lrnserve.server.work import Abandonment, BatchAbandoned, BatchResult, Work, Work
 
     HALF = 2**61  # bytes each half's output claims: joined, 2**62, more than any allocator gives
 
@@ -238,7 +243,7 @@ JOIN_FAILS = textwrap.dedent(
             HugeHalves.computed += 1
             return np.lib.stride_tricks.as_strided(np.zeros(1, np.uint8), (HALF,), (1,), writeable=False)
 
-        def run(self, group, x, scalars):
+        def run(self, group, x, scalars, abandonment=None):
             raise AssertionError("run_raw answers every batch here")
 
 
@@ -271,3 +276,62 @@ def test_out_of_memory_joining_a_split_requests_output_fails_that_request() -> N
     result = subprocess.run([sys.executable, "-c", JOIN_FAILS], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == "2 RESOURCE_EXHAUSTED model 'lrn': out of memory joining the output"
+
+
+# ---- batches nobody waits for ----
+
+
+def test_an_abandoned_batch_is_not_computed() -> None:
+    class Counting(LRNServable):
+        computed = 0
+
+        def run_raw(self, *args: object, **kwargs: object) -> None:
+            Counting.computed += 1
+            return None
+
+    servable = Counting(ModelConfig(name="lrn", kind="lrn"))
+    servable.load(CPU)
+    executor = Executor(servable, CPU, instances=1, threads=1)
+    x = np.ones((1, 4, 3, 3), np.float32)
+    scalars = {"alpha": 1e-4, "beta": 0.75, "k": 1.0}
+    work = Work(x.view(np.uint8).reshape(-1), x.shape, torch.float32, ("across", 5), scalars)
+
+    async def one(abandoned: bool) -> object:
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        abandonment = Abandonment()
+        abandonment.abandoned = abandoned
+        executor.submit([work], future.set_result, abandonment)
+        return await asyncio.wait_for(future, timeout=30)
+
+    try:
+        assert isinstance(asyncio.run(one(abandoned=True)), BatchAbandoned)
+        assert Counting.computed == 0
+        assert not isinstance(asyncio.run(one(abandoned=False)), BaseException)
+        assert Counting.computed == 1
+    finally:
+        executor.close()
+
+
+def test_a_network_stops_between_stages_once_its_batch_is_abandoned() -> None:
+    servable = create_servable(ModelConfig(name="cifar10_full", kind="cifar10_full"))
+    assert isinstance(servable, NetworkServable)
+    servable.load(CPU)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        np.testing.assert_array_equal(servable.run((), x, {}, Abandonment()).numpy(), servable.network(x).numpy())
+
+    abandonment = Abandonment()
+    layers = list(servable.network.features.children())
+    ran_after: list[str] = []
+    first = layers[0].register_forward_hook(lambda *_: setattr(abandonment, "abandoned", True))
+    later = [
+        layer.register_forward_hook(lambda module, *_: ran_after.append(type(module).__name__)) for layer in layers[1:]
+    ]
+    head = servable.network.classifier.register_forward_hook(lambda *_: ran_after.append("classifier"))
+    try:
+        with torch.inference_mode(), pytest.raises(BatchAbandoned):
+            servable.run((), x, {}, abandonment)
+    finally:
+        for hook in (first, *later, head):
+            hook.remove()
+    assert ran_after == [], f"stages ran after the batch was abandoned: {ran_after}"

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 from .errors import DeadlineExceeded, ResourceExhausted, ServingError, Unavailable
 from .settings import BatchingPolicy
-from .work import BatchObserver, BatchRecord, BatchResult, Output, Runner, Work
+from .work import Abandonment, BatchAbandoned, BatchObserver, BatchRecord, BatchResult, Output, Runner, Work
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,15 @@ class Pending:
     enqueued: float  # time.monotonic()
     deadline: float | None  # time.monotonic() by which compute must start
     dequeued: float = field(default=0.0)
+    running: _Running | None = None  # the batch computing it
+
+
+@dataclass(eq=False, slots=True)
+class _Running:
+    """A batch being computed: its requests, and the flag that tells the runner nobody waits."""
+
+    requests: list[Pending]
+    abandonment: Abandonment = field(default_factory=Abandonment)
 
 
 PEAK_WINDOW_SECONDS = 0.5
@@ -152,6 +161,7 @@ class Batcher:
             return await future
         except asyncio.CancelledError:
             self._remove(pending)
+            self._abandon_if_nobody_waits(pending.running)
             raise
         finally:
             if timer is not None:
@@ -164,7 +174,14 @@ class Batcher:
         self._fail_expired(pending)
         self._remove(pending)
 
+    @staticmethod
+    def _abandon_if_nobody_waits(running: _Running | None) -> None:
+        if running is not None and all(p.future.done() for p in running.requests):
+            running.abandonment.abandoned = True
+
     def _fail_expired(self, pending: Pending) -> None:
+        if self._observer is not None:
+            self._observer.request_expired()
         waited_ms = (time.monotonic() - pending.enqueued) * 1e3
         pending.future.set_exception(
             DeadlineExceeded(f"model '{self.name}': deadline passed after {waited_ms:.1f} ms in the queue")
@@ -272,7 +289,10 @@ class Batcher:
         self._running += 1
         self._computing += len(batch)
         self._quiet.clear()
-        self._runner.submit([p.work for p in batch], functools.partial(self._finished, batch))
+        running = _Running(batch)
+        for pending in batch:
+            pending.running = running
+        self._runner.submit([p.work for p in batch], functools.partial(self._finished, batch), running.abandonment)
 
     def _finished(self, batch: list[Pending], result: BatchResult | BaseException) -> None:
         """A batch came back from its instance (on the event loop)."""
@@ -286,7 +306,8 @@ class Batcher:
         if not isinstance(result, BaseException) and len(result.outputs) != len(batch):
             result = RuntimeError(f"runner answered {len(result.outputs)} outputs for {len(batch)} requests")
         if isinstance(result, BaseException):  # every request of the batch gets its own error
-            record = BatchRecord(samples, len(batch), 0.0, waits, failed=True)
+            abandoned = isinstance(result, BatchAbandoned)
+            record = BatchRecord(samples, len(batch), 0.0, waits, failed=True, abandoned=abandoned)
             self._fail(batch, result)
         else:
             record = BatchRecord(samples, len(batch), result.compute_seconds, waits, failed=False)
@@ -330,9 +351,12 @@ class Batcher:
             self._observer.queue_depth(depth)
 
     def _fail(self, batch: list[Pending], exc: BaseException) -> None:
-        if isinstance(exc, ServingError):
+        if isinstance(exc, BatchAbandoned):
+            logger.debug("model '%s': batch of %d requests stopped: nobody waits for it", self.name, len(batch))
+            make: Callable[[], Exception] = lambda: Unavailable(f"model '{self.name}': nobody waits for this batch")  # noqa: E731
+        elif isinstance(exc, ServingError):
             logger.warning("model '%s': batch of %d requests failed: %s", self.name, len(batch), exc.message)
-            make: Callable[[], Exception] = exc.copy
+            make = exc.copy
         else:
             logger.error("model '%s': batch of %d requests failed", self.name, len(batch), exc_info=exc)
             make = lambda: InternalError(f"model '{self.name}': batch failed")  # noqa: E731

@@ -40,7 +40,7 @@ import torch
 
 from .errors import ResourceExhausted, ServingError
 from .servables import Servable
-from .work import BatchResult, Done, Output, Work
+from .work import Abandonment, BatchAbandoned, BatchResult, Done, Output, Work
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("out of memory" in str(exc) or "can't allocate memory" in str(exc))
 
 
-_Job = tuple[list[Work], asyncio.AbstractEventLoop, Done]
+_Job = tuple[list[Work], asyncio.AbstractEventLoop, Done, Abandonment]
 
 
 def instance_layout(servable: Servable, device: torch.device, instances: int, threads: int) -> tuple[int, int]:
@@ -102,10 +102,10 @@ class Executor:
             # give those (other models' instances, loaders) the process default back.
             torch.set_num_threads(process_default)
 
-    def submit(self, items: Sequence[Work], done: Done) -> None:
+    def submit(self, items: Sequence[Work], done: Done, abandonment: Abandonment | None = None) -> None:
         """Compute ``items`` as one batch on a free instance; ``done`` gets the result (or the
         exception) on the calling thread's event loop."""
-        self._jobs.put((list(items), asyncio.get_running_loop(), done))
+        self._jobs.put((list(items), asyncio.get_running_loop(), done, abandonment or Abandonment()))
 
     def close(self, wait: bool = True) -> None:
         """Let the instance threads end once the batches already submitted are done."""
@@ -126,10 +126,10 @@ class Executor:
             torch.set_num_threads(self.threads)
         self._set_up.release()
         while (job := self._jobs.get()) is not None:
-            items, loop, done = job
+            items, loop, done, abandonment = job
             result: BatchResult | BaseException
             try:
-                result = self._run(items)
+                result = self._run(items, abandonment)
             except BaseException as exc:  # the batcher turns it into each request's error
                 result = exc
             try:
@@ -137,18 +137,18 @@ class Executor:
             except RuntimeError:  # the loop closed while this batch ran: nobody waits for it
                 logger.debug("%s: batch finished after its event loop closed", self._servable.name)
             # Waiting for the next batch must not keep this one's requests and output alive.
-            del job, items, done, result
+            del job, items, done, abandonment, result
 
-    def _run(self, items: list[Work]) -> BatchResult:
+    def _run(self, items: list[Work], abandonment: Abandonment) -> BatchResult:
         start = time.perf_counter()
-        outputs = self._run_items(items)
+        outputs = self._run_items(items, abandonment)
         return BatchResult(outputs, time.perf_counter() - start)
 
-    def _run_items(self, items: list[Work]) -> list[Output | ServingError]:
+    def _run_items(self, items: list[Work], abandonment: Abandonment) -> list[Output | ServingError]:
         """Compute ``items`` as one batch; when memory runs out (device or host), in halves,
         down to single samples, so that only a request that cannot fit at all fails."""
         try:
-            outputs: list[Output | ServingError] = list(self._compute(items))
+            outputs: list[Output | ServingError] = list(self._compute(items, abandonment))
             return outputs
         except Exception as exc:
             if not is_out_of_memory(exc):
@@ -159,7 +159,7 @@ class Executor:
         if len(items) > 1:
             half = len(items) // 2
             logger.warning("%s: out of memory at %d samples; retrying in halves", self._servable.name, samples)
-            return self._run_items(items[:half]) + self._run_items(items[half:])
+            return self._run_items(items[:half], abandonment) + self._run_items(items[half:], abandonment)
         (work,) = items
         if work.samples == 1:
             return [
@@ -168,7 +168,7 @@ class Executor:
                     f"{list(work.shape[1:])}"
                 )
             ]
-        parts = [self._run_items([part])[0] for part in work.halves()]
+        parts = [self._run_items([part], abandonment)[0] for part in work.halves()]
         for part in parts:
             if isinstance(part, ServingError):
                 return [part]
@@ -177,14 +177,16 @@ class Executor:
         except MemoryError:
             return [ResourceExhausted(f"model '{self._servable.name}': out of memory joining the output")]
 
-    def _compute(self, items: list[Work]) -> list[Output]:
+    def _compute(self, items: list[Work], abandonment: Abandonment) -> list[Output]:
+        if abandonment.abandoned:
+            raise BatchAbandoned
         first = items[0]
         shape = (sum(w.samples for w in items), *first.shape[1:])
         scalars = {name: self._per_sample(items, name) for name in first.scalars}
         if self.device.type == "cuda":
             batch = torch.empty(shape, dtype=first.dtype, pin_memory=True)
             self._gather(items, batch.view(-1).view(torch.uint8).numpy())
-            y = self._forward_cuda(first.model_group, batch, self._tensors(scalars))
+            y = self._forward_cuda(first.model_group, batch, self._tensors(scalars), abandonment)
             return self._split(items, shape, y)
         parts = [w.payload for w in items]
         out = self._servable.run_raw(first.model_group, parts, shape, first.dtype, scalars)
@@ -193,7 +195,7 @@ class Executor:
         # One request: its own bytes (models only read their input); several: one copy each.
         raw = first.payload if len(items) == 1 else np.concatenate(parts)
         x = torch.frombuffer(raw, dtype=first.dtype).view(shape)
-        return self._split(items, shape, self._servable.run(first.model_group, x, self._tensors(scalars)))
+        return self._split(items, shape, self._servable.run(first.model_group, x, self._tensors(scalars), abandonment))
 
     @staticmethod
     def _gather(items: list[Work], flat: np.ndarray) -> None:
@@ -237,11 +239,13 @@ class Executor:
             self._local.stream = stream
         return stream
 
-    def _forward_cuda(self, group: Hashable, batch: torch.Tensor, scalars: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _forward_cuda(
+        self, group: Hashable, batch: torch.Tensor, scalars: dict[str, torch.Tensor], abandonment: Abandonment
+    ) -> torch.Tensor:
         stream = self._stream()
         with torch.cuda.stream(stream):
             x = batch.to(self.device, non_blocking=True)
-            y = self._servable.run(group, x, scalars)
+            y = self._servable.run(group, x, scalars, abandonment)
             out = torch.empty(y.shape, dtype=y.dtype, pin_memory=True)
             out.copy_(y, non_blocking=True)
         stream.synchronize()

@@ -105,6 +105,19 @@ class Metrics:
         self.requests = Counter(
             "lrnserve_requests", "ModelInfer requests by gRPC status code.", ["model", "code"], registry=registry
         )
+        self.expired = Counter(
+            "lrnserve_expired_requests",
+            "Requests dropped before compute because their deadline passed in the queue.",
+            ["model"],
+            registry=registry,
+        )
+        self.abandoned = Counter(
+            "lrnserve_abandoned_batches",
+            "Batches stopped before or during compute because every request in them had gone "
+            "(cancelled, or past the caller's deadline).",
+            ["model"],
+            registry=registry,
+        )
         self.auth_failures = Counter(
             "lrnserve_auth_failures", "Calls refused for a missing or wrong bearer token.", registry=registry
         )
@@ -145,6 +158,8 @@ class Metrics:
         self._durations: dict[str, Histogram] = {}
         self._batches: dict[str, tuple[Histogram, Histogram, Histogram]] = {}
         self._depths: dict[str, Gauge] = {}
+        self._expired: dict[str, Counter] = {}
+        self._abandoned: dict[str, Counter] = {}
         for model, device in models.items():
             self._durations[model] = self.request_duration.labels(model)
             self._batches[model] = (
@@ -154,6 +169,8 @@ class Metrics:
             )
             self._depths[model] = self.queue_depth.labels(model)
             self._depths[model].set(0)
+            self._expired[model] = self.expired.labels(model)
+            self._abandoned[model] = self.abandoned.labels(model)
             self._counters[(model, "OK")] = self.requests.labels(model, "OK")
             self.queue_capacity.labels(model).set(queue_capacity[model])
 
@@ -170,7 +187,12 @@ class Metrics:
     def record_queue_depth(self, model: str, depth: int) -> None:
         self._depths[model].set(depth)
 
+    def record_expired(self, model: str) -> None:
+        self._expired[model].inc()
+
     def record_batch(self, model: str, record: BatchRecord) -> None:
+        if record.abandoned:
+            self._abandoned[model].inc()
         if record.failed:
             return
         batch_size, compute, queue = self._batches[model]

@@ -26,6 +26,7 @@ from .models import create_network
 from .ops import Mode, local_response_norm, local_response_norm_checked, native, prepare
 from .ops.params import BOUNDS, check_mode, check_size
 from .settings import ModelConfig
+from .work import Abandonment, BatchAbandoned
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +75,16 @@ class Servable(ABC):
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]: ...
 
     @abstractmethod
-    def run(self, group: Hashable, x: torch.Tensor, scalars: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """One batch of ``group`` on the model's device; scalars: one float64 CPU value per sample."""
+    def run(
+        self,
+        group: Hashable,
+        x: torch.Tensor,
+        scalars: Mapping[str, torch.Tensor],
+        abandonment: Abandonment | None = None,
+    ) -> torch.Tensor:
+        """One batch of ``group`` on the model's device; scalars: one float64 CPU value per sample.
+        A servable that computes in stages stops between them (``BatchAbandoned``) once
+        ``abandonment`` is set."""
 
     def run_raw(
         self,
@@ -161,7 +170,13 @@ class LRNServable(Servable):
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
         return input_shape
 
-    def run(self, group: Hashable, x: torch.Tensor, scalars: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def run(
+        self,
+        group: Hashable,
+        x: torch.Tensor,
+        scalars: Mapping[str, torch.Tensor],
+        abandonment: Abandonment | None = None,
+    ) -> torch.Tensor:
         mode, size = cast(tuple[Mode, int], group)
         return local_response_norm_checked(x, size, scalars["alpha"], scalars["beta"], scalars["k"], mode)
 
@@ -253,9 +268,21 @@ class NetworkServable(Servable):
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
         return (input_shape[0], self.num_classes)
 
-    def run(self, group: Hashable, x: torch.Tensor, scalars: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        y: torch.Tensor = self.network(x.to(self.dtype))
-        return y.to(x.dtype)
+    def run(
+        self,
+        group: Hashable,
+        x: torch.Tensor,
+        scalars: Mapping[str, torch.Tensor],
+        abandonment: Abandonment | None = None,
+    ) -> torch.Tensor:
+        """The network stage by stage (feature layers, then the classifier), stopping between
+        stages once every request of the batch has gone."""
+        h = x.to(self.dtype)
+        for stage in self.network.stages():
+            if abandonment is not None and abandonment.abandoned:
+                raise BatchAbandoned
+            h = stage(h)
+        return h.to(x.dtype)
 
     def metadata(self) -> ModelMetadata:
         wire = from_torch_name(self.config.dtype)

@@ -38,6 +38,10 @@ class ModelTelemetry:
         if self._metrics is not None:
             self._metrics.record_queue_depth(self.name, depth)
 
+    def request_expired(self) -> None:
+        if self._metrics is not None:
+            self._metrics.record_expired(self.name)
+
 
 class Telemetry:
     """The server's observations: request outcomes, batches, loads, refused tokens.

@@ -56,6 +56,22 @@ class BatchResult:
 Done = Callable[[BatchResult | BaseException], None]
 
 
+class Abandonment:
+    """Set by the batcher once every request of a running batch has gone (cancelled, or past its
+    caller's deadline); read by the executor's thread before compute and between a network's
+    stages, so that nobody's work is computed for nobody (a plain attribute: a bool is read
+    whole across threads)."""
+
+    __slots__ = ("abandoned",)
+
+    def __init__(self) -> None:
+        self.abandoned = False
+
+
+class BatchAbandoned(Exception):
+    """A batch stopped before or during compute because nobody waits for its answers."""
+
+
 class Runner(Protocol):
     """What the batcher needs of whatever computes its batches (the executor; a fake in tests)."""
 
@@ -64,9 +80,10 @@ class Runner(Protocol):
         """How many batches it computes at once."""
         ...
 
-    def submit(self, items: Sequence[Work], done: Done) -> None:
+    def submit(self, items: Sequence[Work], done: Done, abandonment: Abandonment | None = None) -> None:
         """Compute ``items`` as one batch; call ``done`` with the result, or the exception, on
-        the submitting thread's event loop. Every item gets an output or its own error."""
+        the submitting thread's event loop. Every item gets an output or its own error. Once
+        ``abandonment`` is set the runner may stop early with ``BatchAbandoned``."""
         ...
 
 
@@ -79,6 +96,7 @@ class BatchRecord:
     compute_seconds: float
     queue_seconds: tuple[float, ...]
     failed: bool
+    abandoned: bool = False  # stopped early: every request had gone (failed too)
 
 
 class BatchObserver(Protocol):
@@ -87,3 +105,7 @@ class BatchObserver(Protocol):
     def batch_finished(self, record: BatchRecord) -> None: ...
 
     def queue_depth(self, depth: int) -> None: ...
+
+    def request_expired(self) -> None:
+        """A request's deadline passed before its compute started: it was dropped."""
+        ...

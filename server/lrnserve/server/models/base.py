@@ -61,6 +61,18 @@ class LRNNetwork(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.logits(x), dim=1)
 
+    def stages(self) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+        """``forward`` as steps a caller may stop between: each feature layer, then the
+        classifier and softmax. Applied in order they compute exactly ``forward``."""
+        if isinstance(self.features, nn.Sequential):
+            yield from self.features.children()
+        else:
+            yield self.features
+        yield self._head
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.classifier(torch.flatten(h, 1)), dim=1)
+
     def lrn_layers(self) -> Iterator[tuple[str, nn.Module]]:
         """(qualified name, module) of every LRN layer, in forward order."""
         for name, module in self.named_modules():

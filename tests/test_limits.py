@@ -35,7 +35,7 @@ def gated() -> Iterator[tuple[ServerThread, Probes]]:
         settings(lrn_model("lrn", max_request_samples=8)),
         max_tensor_elements=100_000,
         max_tensor_bytes=300_000,
-        max_inflight_bytes=1_000_000,
+        max_inflight_bytes=1_100_000,  # four 60 kB requests (240 kB held each), and a 262 kB one
     )
     running, probes = gated_server(config)
     with running:
@@ -106,14 +106,18 @@ def test_per_tensor_bytes_and_samples(server: ServerThread) -> None:
 def test_inflight_byte_budget(gated: tuple[ServerThread, Probes]) -> None:
     server, probes = gated
     model = probes["lrn"]
-    x = np.ones((1, 1, 250, 250), np.float32)  # 250 kB each; the budget is 1 MB
+    # Each request holds its message from receipt and three times its output (60 kB): 240 kB,
+    # so four fit in the 1.1 MB budget and a fifth's message is refused on receipt.
+    x = np.ones((1, 1, 150, 100), np.float32)
+    each = len(infer_request("lrn", x).SerializeToString()) + 3 * x.nbytes
+    assert 4 * each <= server.server.settings.max_inflight_bytes < 5 * each
     model.started.clear()
     model.gate.clear()
     try:
         with server.channel() as channel:
             held = [stub(channel).ModelInfer.future(infer_request("lrn", x), timeout=30) for _ in range(4)]
             assert model.started.wait(10), "no held request started computing"
-            wait_until(lambda: server.server.dataplane.inflight_bytes == 4 * x.nbytes, "4 requests in flight")
+            wait_until(lambda: server.server.dataplane.inflight_bytes == 4 * each, "4 requests in flight")
             with pytest.raises(grpc.RpcError) as info:
                 stub(channel).ModelInfer(infer_request("lrn", x), timeout=30)
             assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -124,7 +128,8 @@ def test_inflight_byte_budget(gated: tuple[ServerThread, Probes]) -> None:
                 np.testing.assert_array_equal(output_array(call.result(timeout=30)), expected)
     finally:
         model.gate.set()
-    assert server.server.dataplane.inflight_bytes == 0
+    # Given back when each call's task ends, just after its answer went out.
+    wait_until(lambda: server.server.dataplane.inflight_bytes == 0, "the byte budget given back")
 
 
 class TightMemory(GatedLRN):

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
-from harness import ServerThread, infer_request, lrn_model, settings, stub
+from harness import ServerThread, infer_request, lrn_model, metric_value, scrape, settings, stub, wait_until
 
 from lrnserve.client.pb import grpc_predict_v2_pb2 as pb
 
@@ -26,7 +26,7 @@ TENSOR = np.ones((1, 2, 1024, 1024), np.float32)  # 8 MiB
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[ServerThread]:
-    config = settings(lrn_model("lrn"), max_message_bytes=64 * MIB, max_inflight_bytes=12 * MIB)
+    config = settings(lrn_model("lrn"), max_message_bytes=64 * MIB, max_inflight_bytes=40 * MIB)
     with ServerThread(config) as running:
         yield running
 
@@ -74,7 +74,9 @@ def test_no_buffer_outlives_its_call(server: ServerThread, case: str) -> None:
 
 
 def test_a_request_refused_for_the_inflight_budget_leaves_nothing_behind(server: ServerThread) -> None:
-    big = infer_request("lrn", np.ones((1, 4, 1024, 1024), np.float32))  # 16 MiB > the 12 MiB budget
+    # An 8 MiB request holds 32 MiB (its message and three times its output): it fits the
+    # 40 MiB budget; this one's 48 MiB message is refused on receipt, and dropped.
+    big = infer_request("lrn", np.ones((1, 12, 1024, 1024), np.float32))
     with server.channel() as channel, _traced():
         for _ in range(4):
             assert send(channel, big) == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -95,3 +97,16 @@ class _traced:
         tracemalloc.stop()
         if self._enabled:
             gc.enable()
+
+
+def test_the_byte_budget_is_given_back_when_a_call_ends_not_at_its_deadline(server: ServerThread) -> None:
+    """A call with a long deadline arms a timer in the batcher, cancelled when the call ends:
+    nothing may hold the call's share of the budget, or the call, until that deadline."""
+    request = infer_request("lrn", np.ones((1, 2, 64, 64), np.float32))
+    with server.channel() as channel:
+        for _ in range(3):
+            stub(channel).ModelInfer(request, timeout=600)  # a deadline ten minutes away
+    wait_until(lambda: server.server.dataplane.inflight_bytes == 0, "the budget given back")
+    assert server.server.metrics_port is not None
+    port = server.server.metrics_port
+    wait_until(lambda: metric_value(scrape(port), "lrnserve_calls_in_progress") == 0, "the calls ended")

@@ -120,9 +120,15 @@ class LrnServer:
         if self.settings.token is not None:
             interceptors.append(TokenAuth(self.settings.token.reveal(), self.telemetry.auth_rejected))
         quiet_departures()
-        server = grpc.aio.server(interceptors=interceptors, options=grpc_options(self.settings))
+        server = grpc.aio.server(
+            interceptors=interceptors,
+            options=grpc_options(self.settings),
+            # Each call being received may hold up to max_message_bytes before anything judges
+            # it: this caps that part of the memory (README, "Memory").
+            maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs,
+        )
         self._calls = add_inference_service(
-            server, Guarded(InferenceService(self.dataplane)), self.telemetry.calls_in_progress
+            server, Guarded(InferenceService(self.dataplane)), self.dataplane.budget, self.telemetry.calls_in_progress
         )
         health_pb2_grpc.add_HealthServicer_to_server(Guarded(self.health), server)  # type: ignore[arg-type]
         reflection.enable_server_reflection((INFERENCE_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server)

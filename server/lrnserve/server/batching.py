@@ -56,9 +56,11 @@ class Pending:
 
 @dataclass(eq=False, slots=True)
 class _Running:
-    """A batch being computed: its requests, and the flag that tells the runner nobody waits."""
+    """A batch being computed: how many of its callers still wait, and the flag that tells the
+    runner once none does. (A count, not the requests: a request refers to its batch, and a
+    reference back would make a cycle that keeps every request's buffers until a collection.)"""
 
-    requests: list[Pending]
+    waiting: int
     abandonment: Abandonment = field(default_factory=Abandonment)
 
 
@@ -176,8 +178,11 @@ class Batcher:
 
     @staticmethod
     def _abandon_if_nobody_waits(running: _Running | None) -> None:
-        if running is not None and all(p.future.done() for p in running.requests):
-            running.abandonment.abandoned = True
+        """A caller whose request is computing left (cancelled, or its gRPC deadline passed)."""
+        if running is not None:
+            running.waiting -= 1
+            if running.waiting <= 0:
+                running.abandonment.abandoned = True
 
     def _fail_expired(self, pending: Pending) -> None:
         if self._observer is not None:
@@ -289,7 +294,7 @@ class Batcher:
         self._running += 1
         self._computing += len(batch)
         self._quiet.clear()
-        running = _Running(batch)
+        running = _Running(len(batch))
         for pending in batch:
             pending.running = running
         self._runner.submit([p.work for p in batch], functools.partial(self._finished, batch), running.abandonment)

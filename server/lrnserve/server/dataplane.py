@@ -15,6 +15,7 @@ import grpc
 
 from lrnserve.client.version import __version__
 
+from .admission import Budget, Lease
 from .errors import DeadlineExceeded, ResourceExhausted, ServingError, Unavailable
 from .inference import (
     InferenceRequest,
@@ -71,8 +72,7 @@ class DataPlane:
         self.draining = False
         # Calls that began before this (time.monotonic()) are still served while draining.
         self.drain_started = -math.inf
-        self.inflight_bytes = 0
-        self.max_inflight_bytes = settings.max_inflight_bytes
+        self.budget = Budget(settings.max_inflight_bytes)
         self._limits = {
             model.name: Limits(
                 settings.max_tensor_bytes, settings.max_tensor_elements, model.config.batching.max_request_samples
@@ -115,15 +115,15 @@ class DataPlane:
         deadline = None if request.time_remaining is None else arrival + request.time_remaining
         self.telemetry.request_started()
         code = grpc.StatusCode.OK
+        lease = request.lease or self.budget.lease()  # in-process callers have no transport's lease
         try:
             model = self._route(request)
             assert model.servable is not None and model.batcher is not None  # ready
+            if lease.refused:
+                raise self._busy(lease.refused)
             valid = validate(request, model.servable, self._limits[model.name], arrival)
-            self._admit(valid.nbytes)
-            try:
-                raw = await model.batcher.submit(valid.work, valid.deadline)
-            finally:
-                self.inflight_bytes -= valid.nbytes
+            self._admit(lease, valid.nbytes if request.lease is None else 0, valid.output_bytes)
+            raw = await model.batcher.submit(valid.work, valid.deadline)
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceeded(f"model '{model.name}': the answer was ready after the caller's deadline")
             return self._answer(model, request, valid, raw)
@@ -131,7 +131,27 @@ class DataPlane:
             code = outcome(exc, deadline)
             raise
         finally:
+            if request.lease is None:
+                lease.release()
             self.telemetry.request_finished(request.model, code, time.monotonic() - arrival)
+
+    def _admit(self, lease: Lease, input_bytes: int, output_bytes: int) -> None:
+        """Hold the request's input (when not charged on receipt) and three times its output:
+        the batch's output buffer, the serialized answer and gRPC's copy of it."""
+        needed = input_bytes + 3 * output_bytes
+        if not lease.charge(needed):
+            raise self._busy(needed)
+
+    def _busy(self, nbytes: int) -> ResourceExhausted:
+        return ResourceExhausted(
+            f"server busy: {bytes_text(self.budget.used)} of requests in flight, limit "
+            f"{bytes_text(self.budget.limit)}, {bytes_text(nbytes)} more asked; retry later"
+        )
+
+    @property
+    def inflight_bytes(self) -> int:
+        """Bytes held for requests in flight (``admission``)."""
+        return self.budget.used
 
     def begin_drain(self) -> None:
         """Refuse calls that begin from now on; those already begun (even if their message is
@@ -146,15 +166,6 @@ class DataPlane:
         if not model.ready or model.batcher is None or model.servable is None:
             raise Unavailable(f"model '{model.name}' is not ready; retry shortly")
         return model
-
-    def _admit(self, nbytes: int) -> None:
-        """Count ``nbytes`` against the in-flight budget (the caller gives them back)."""
-        if self.inflight_bytes + nbytes > self.max_inflight_bytes:
-            raise ResourceExhausted(
-                f"server busy: {bytes_text(self.inflight_bytes)} of requests in flight, limit "
-                f"{bytes_text(self.max_inflight_bytes)}; retry later"
-            )
-        self.inflight_bytes += nbytes
 
     @staticmethod
     def _answer(

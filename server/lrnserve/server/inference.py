@@ -17,6 +17,8 @@ import numpy as np
 
 from lrnserve.client import ModelMetadata, ServerMetadata, TensorMetadata
 
+from .admission import Lease
+
 ParameterValue = bool | int | float | str
 
 
@@ -44,6 +46,9 @@ class InferenceRequest:
     raw_count: int = 0
     # When the call began (time.monotonic()), before its message arrived; None if unknown.
     started: float | None = None
+    # The call's share of the in-flight byte budget, charged for the message on receipt (and
+    # possibly refused then); None when the request did not come through the transport.
+    lease: Lease | None = None
 
 
 @dataclass(frozen=True)

@@ -185,7 +185,16 @@ class ServerSettings:
     max_tensor_bytes: int = setting(DEFAULT_MAX_MESSAGE_BYTES, Integer(1), "largest input tensor")
     max_tensor_elements: int = setting(64 * 1024 * 1024, Integer(1), "most elements of one input tensor")
     max_inflight_bytes: int = setting(
-        2 * 1024 * 1024 * 1024, Integer(1), "input bytes of all requests being handled at once"
+        2 * 1024 * 1024 * 1024,
+        Integer(1),
+        "bytes held for requests in flight: each one's message from receipt and three times its output, "
+        "until its answer is sent; beyond it RESOURCE_EXHAUSTED",
+    )
+    max_concurrent_rpcs: int = setting(
+        128,
+        Integer(1, 1_000_000),
+        "calls served at once (each may hold up to max_message_bytes while its message arrives); "
+        "beyond it RESOURCE_EXHAUSTED",
     )
     allocator_cache_bytes: int = setting(
         DEFAULT_CACHE_BYTES, Integer(0, 2**62), "freed memory the C heap may keep for reuse; 0: glibc's default"

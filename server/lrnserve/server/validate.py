@@ -48,6 +48,10 @@ class Validated:
     datatype: DataType
     output_shape: tuple[int, ...]
 
+    @property
+    def output_bytes(self) -> int:
+        return math.prod(self.output_shape) * self.datatype.itemsize
+
 
 def shape_text(shape: tuple[int, ...]) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"

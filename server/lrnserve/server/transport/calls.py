@@ -19,35 +19,41 @@ from typing import Any
 
 import grpc
 
+from ..admission import Budget, Lease
+
 _CURRENT: contextvars.ContextVar[Call | None] = contextvars.ContextVar("lrnserve_call", default=None)
 POLL_SECONDS = 0.01
 
 
 class Call:
-    """One call of the service, alive exactly as long as gRPC's task for it."""
+    """One call of the service, alive exactly as long as gRPC's task for it, and with it its
+    share of the in-flight byte budget."""
 
-    __slots__ = ("__weakref__", "_tracker", "started")
+    __slots__ = ("__weakref__", "_tracker", "lease", "started")
 
-    def __init__(self, tracker: CallTracker, started: float) -> None:
+    def __init__(self, tracker: CallTracker, started: float, lease: Lease) -> None:
         self._tracker = tracker
         self.started = started  # time.monotonic()
+        self.lease = lease
 
     def __del__(self) -> None:
         self._tracker._ended()
 
 
-def call_started() -> float | None:
-    """When the call this handler serves began (time.monotonic()), or None outside a tracked call."""
-    call = _CURRENT.get()
-    return None if call is None else call.started
+def current_call() -> Call | None:
+    """The call this handler (or deserializer) serves; None outside a tracked call."""
+    return _CURRENT.get()
 
 
 class CallTracker(grpc.GenericRpcHandler):
     """The inference service's handler lookup, tracking each call it starts."""
 
-    def __init__(self, inner: grpc.GenericRpcHandler, on_count: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self, inner: grpc.GenericRpcHandler, budget: Budget, on_count: Callable[[int], None] | None = None
+    ) -> None:
         """``on_count`` hears the number of calls in progress whenever it changes."""
         self._inner = inner
+        self._budget = budget
         self._calls: weakref.WeakSet[Call] = weakref.WeakSet()
         self._count = 0
         self._on_count = on_count
@@ -55,7 +61,7 @@ class CallTracker(grpc.GenericRpcHandler):
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> Any:
         handler = self._inner.service(handler_call_details)
         if handler is not None:
-            call = Call(self, time.monotonic())
+            call = Call(self, time.monotonic(), self._budget.lease())
             self._calls.add(call)
             _CURRENT.set(call)
             self._count += 1

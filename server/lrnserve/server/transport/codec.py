@@ -23,7 +23,7 @@ from ..inference import (
     ServerMetadata,
 )
 from ..statistics import Duration, ModelStatistics
-from .calls import call_started
+from .calls import current_call
 from .wire import InferRequestWire, encode_infer_response
 
 
@@ -53,6 +53,7 @@ def _contents(tensor: pb.ModelInferRequest.InferInputTensor) -> tuple[np.ndarray
 
 def request_from_wire(wire: InferRequestWire, time_remaining: float | None) -> InferenceRequest:
     message = wire.message
+    call = current_call()
     raw = wire.raw_input_contents
     inputs = []
     for i, tensor in enumerate(message.inputs):
@@ -76,7 +77,8 @@ def request_from_wire(wire: InferRequestWire, time_remaining: float | None) -> I
         requested_outputs=tuple(output.name for output in message.outputs),
         time_remaining=time_remaining,
         raw_count=len(raw),
-        started=call_started(),
+        started=None if call is None else call.started,
+        lease=None if call is None else call.lease,
     )
 
 

@@ -25,7 +25,8 @@ import grpc
 from lrnserve.client.pb import grpc_predict_v2_pb2 as pb
 from lrnserve.client.pb import grpc_predict_v2_pb2_grpc as pb_grpc
 
-from .calls import CallTracker
+from ..admission import Budget
+from .calls import CallTracker, current_call
 
 RAW_INPUT_FIELD = pb.ModelInferRequest.RAW_INPUT_CONTENTS_FIELD_NUMBER
 RAW_OUTPUT_FIELD = pb.ModelInferResponse.RAW_OUTPUT_CONTENTS_FIELD_NUMBER
@@ -39,10 +40,13 @@ Buffer = bytes | memoryview
 @dataclass(frozen=True, slots=True)
 class InferRequestWire:
     """A received ModelInfer request; ``raw`` holds its raw_input_contents when they were
-    taken out of ``message`` as views of the received bytes (None: they are in ``message``)."""
+    taken out of ``message`` as views of the received bytes (None: they are in ``message``).
+    ``refused``: the message's size, when the byte budget could not hold it (its tensors were
+    dropped on receipt)."""
 
     message: pb.ModelInferRequest
     raw: list[memoryview] | None = None
+    refused: int = 0
 
     @property
     def raw_input_contents(self) -> Sequence[Buffer]:
@@ -100,6 +104,24 @@ def split_raw_inputs(data: bytes) -> tuple[bytes, list[memoryview]] | None:
 
 
 def decode_infer_request(data: bytes) -> InferRequestWire:
+    """The received message, charged to its call's lease; one the budget cannot hold keeps
+    only what the refusal needs (model name, id), so its bytes are freed at once."""
+    call = current_call()
+    if call is not None and not call.lease.charge(len(data)):
+        return InferRequestWire(_without_tensors(data), refused=len(data))
+    return _decode(data)
+
+
+def _without_tensors(data: bytes) -> pb.ModelInferRequest:
+    split = split_raw_inputs(data) if len(data) >= ZERO_COPY_MIN_BYTES else None
+    message = pb.ModelInferRequest.FromString(data if split is None else split[0])
+    message.ClearField("raw_input_contents")
+    for tensor in message.inputs:
+        tensor.ClearField("contents")
+    return message
+
+
+def _decode(data: bytes) -> InferRequestWire:
     if len(data) >= ZERO_COPY_MIN_BYTES:
         split = split_raw_inputs(data)
         if split is not None:
@@ -146,7 +168,7 @@ class _Recorder:
 
 
 def add_inference_service(
-    server: grpc.aio.Server, servicer: Any, on_calls: Callable[[int], None] | None = None
+    server: grpc.aio.Server, servicer: Any, budget: Budget, on_calls: Callable[[int], None] | None = None
 ) -> CallTracker:
     """The generated registration, except that ModelInfer takes ``InferRequestWire`` and
     returns the serialized response as ``bytes``, and that every call is tracked from its start
@@ -160,6 +182,6 @@ def add_inference_service(
         servicer.ModelInfer, request_deserializer=decode_infer_request, response_serializer=None
     )
     name = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-    tracker = CallTracker(grpc.method_handlers_generic_handler(name, handlers), on_calls)
+    tracker = CallTracker(grpc.method_handlers_generic_handler(name, handlers), budget, on_calls)
     server.add_generic_rpc_handlers((tracker,))
     return tracker

@@ -24,8 +24,20 @@ LAYERS: list[set[str]] = [
     {"models", "ops"},
 ]
 # Used across the stack, importing nothing above them: errors, configuration, the request and
-# response objects, the types that cross the batch boundary, and the telemetry sink.
-LEAVES = {"errors", "settings", "schema", "inference", "work", "telemetry", "metrics", "statistics", "eventloop"}
+# response objects and their byte budget, the types that cross the batch boundary, and the
+# telemetry sink.
+LEAVES = {
+    "errors",
+    "settings",
+    "schema",
+    "inference",
+    "admission",
+    "work",
+    "telemetry",
+    "metrics",
+    "statistics",
+    "eventloop",
+}
 
 
 def unit_of(path: Path) -> str:

@@ -27,6 +27,7 @@ LAYERS: list[set[str]] = [
 # response objects and their byte budget, the types that cross the batch boundary, and the
 # telemetry sink.
 LEAVES = {
+    "memory",
     "errors",
     "settings",
     "schema",

@@ -44,3 +44,13 @@ def keep_freed_memory(cache_bytes: int) -> bool:
     if not ok:
         logger.warning("allocator tuning refused by glibc (allocator_cache_bytes=%d)", cache_bytes)
     return ok
+
+
+def release_freed_memory() -> bool:
+    """Give the C heap's free pages back to the kernel (glibc's ``malloc_trim``), in every
+    thread's arena: after a burst of large requests the freed buffers are otherwise kept, and a
+    server's resident memory ratchets up burst after burst. False where not glibc."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    return bool(libc.malloc_trim(0))

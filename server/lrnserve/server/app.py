@@ -22,6 +22,7 @@ from lrnserve.client.pb import grpc_predict_v2_pb2 as pb
 from lrnserve.client.pb import health_pb2, health_pb2_grpc
 
 from .dataplane import DataPlane
+from .memory import IdleTrimmer
 from .metrics import Metrics
 from .repository import ModelRepository, ServableFactory, resolve_devices
 from .servables import create_servable
@@ -101,6 +102,7 @@ class LrnServer:
         self.repository = ModelRepository(settings.models, devices, self.telemetry, servables)
         self.dataplane = DataPlane(self.repository, self.telemetry, settings)
         self.health = HealthService([INFERENCE_SERVICE, *names])
+        self.trimmer = IdleTrimmer(settings.idle_trim_seconds)
         self.grpc_port = 0
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
@@ -108,6 +110,10 @@ class LrnServer:
         self._metrics_http: tuple[WSGIServer, threading.Thread] | None = None
         self._stopped = asyncio.Event()
         self.drained = True
+
+    def _calls_changed(self, count: int) -> None:
+        self.telemetry.calls_in_progress(count)
+        self.trimmer.calls(count)
 
     @property
     def address(self) -> str:
@@ -128,7 +134,7 @@ class LrnServer:
             maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs,
         )
         self._calls = add_inference_service(
-            server, Guarded(InferenceService(self.dataplane)), self.dataplane.budget, self.telemetry.calls_in_progress
+            server, Guarded(InferenceService(self.dataplane)), self.dataplane.budget, self._calls_changed
         )
         health_pb2_grpc.add_HealthServicer_to_server(Guarded(self.health), server)  # type: ignore[arg-type]
         reflection.enable_server_reflection((INFERENCE_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server)

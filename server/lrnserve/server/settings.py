@@ -196,6 +196,9 @@ class ServerSettings:
         "calls served at once (each may hold up to max_message_bytes while its message arrives); "
         "beyond it RESOURCE_EXHAUSTED",
     )
+    idle_trim_seconds: float = setting(
+        1.0, Number(0.0), "give freed heap memory back to the kernel once no call was in progress this long; 0: never"
+    )
     allocator_cache_bytes: int = setting(
         DEFAULT_CACHE_BYTES, Integer(0, 2**62), "freed memory the C heap may keep for reuse; 0: glibc's default"
     )

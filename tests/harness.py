@@ -8,6 +8,7 @@ the generated stubs directly, so these helpers test the wire, not the SDK.
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 import signal
 import socket
@@ -223,7 +224,9 @@ class GatedLRN(LRNServable):
         assert self.gate.wait(timeout=30), "test gate never opened"
         self.batches.append(first_values)
         if self.failure is not None:
-            raise self.failure
+            # A fresh copy each time: a raised exception keeps its traceback, and the test's own
+            # object would keep every frame of the batch (and its calls) alive.
+            raise copy.copy(self.failure)
         mode, _ = group  # type: ignore[misc]
         if mode in self.fail_modes:
             raise RuntimeError(f"model failure in mode {mode}")

@@ -16,7 +16,17 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
-from harness import ServerThread, infer_request, lrn_model, metric_value, scrape, settings, stub, wait_until
+from harness import (
+    ServerThread,
+    gated_server,
+    infer_request,
+    lrn_model,
+    metric_value,
+    scrape,
+    settings,
+    stub,
+    wait_until,
+)
 
 from lrnserve.client.pb import grpc_predict_v2_pb2 as pb
 
@@ -110,3 +120,26 @@ def test_the_byte_budget_is_given_back_when_a_call_ends_not_at_its_deadline(serv
     assert server.server.metrics_port is not None
     port = server.server.metrics_port
     wait_until(lambda: metric_value(scrape(port), "lrnserve_calls_in_progress") == 0, "the calls ended")
+
+
+def test_a_request_failed_by_its_batcher_releases_its_call_without_a_collection() -> None:
+    """A batch failure reaches the request as an exception set on its queue entry's future; the
+    exception's traceback holds the frame that awaited it. Nothing of that may keep the call (and
+    its share of the byte budget) alive once the call ended, with the collector off."""
+    running, probes = gated_server(settings(lrn_model("lrn")))
+    with running, running.channel() as channel:
+        probes["lrn"].failure = RuntimeError("model failure")
+        request = infer_request("lrn", np.ones((1, 2, 64, 64), np.float32))
+        port = running.server.metrics_port
+        assert port is not None
+        enabled = gc.isenabled()
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(3):
+                assert send(channel, request) == grpc.StatusCode.INTERNAL
+            wait_until(lambda: metric_value(scrape(port), "lrnserve_calls_in_progress") == 0, "the failed calls ended")
+            assert running.server.dataplane.inflight_bytes == 0
+        finally:
+            if enabled:
+                gc.enable()

@@ -168,6 +168,10 @@ class Batcher:
         finally:
             if timer is not None:
                 timer.cancel()
+            # An error raised here carries this frame in its traceback, and the future holds the
+            # error: a cycle, through the timer's context, to the request's call and its share
+            # of the byte budget, that only a garbage collection would free. Break it.
+            del future, pending, timer
 
     def _expire(self, pending: Pending) -> None:
         """The deadline passed: fail the request now if it has not started computing."""

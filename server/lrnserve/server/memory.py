@@ -18,7 +18,8 @@ logger = logging.getLogger(__name__)
 
 
 class IdleTrimmer:
-    """Contract: ``calls`` is called on the event loop thread with every change of the count."""
+    """Contract: ``calls`` hears every change of the count, on the event loop thread (a change
+    heard elsewhere, e.g. a call freed after the loop stopped, schedules nothing)."""
 
     def __init__(self, idle_seconds: float) -> None:
         self.idle_seconds = idle_seconds
@@ -35,7 +36,11 @@ class IdleTrimmer:
                 self._timer.cancel()
                 self._timer = None
         elif self._busy_since_trim and self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self.idle_seconds, self._trim)
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # the last call went away after the loop stopped: nothing to trim for
+                return
+            self._timer = loop.call_later(self.idle_seconds, self._trim)
 
     def _trim(self) -> None:
         self._timer = None

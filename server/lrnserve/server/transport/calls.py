@@ -37,6 +37,9 @@ class Call:
         self.lease = lease
 
     def __del__(self) -> None:
+        # The call's share of the budget goes back with the call, even if something (a log
+        # record's traceback, say) still refers to its lease.
+        self.lease.release()
         self._tracker._ended()
 
 

@@ -412,8 +412,8 @@ def test_caller_deadline_passing_while_queued_is_counted_deadline_exceeded(
     x = np.full((1, 2, 3, 3), 9.0, np.float32)
     with running.channel() as channel, instance_held(running, model, channel):
         # Three callers whose own gRPC deadline (no timeout parameter) passes while they wait.
-        calls = [stub(channel).ModelInfer.future(infer_request("lrn", x), timeout=1.0) for _ in range(3)]
-        wait_until(lambda: queue_depth(running) == 3, "the requests queued behind the held batch", timeout=0.9)
+        calls = [stub(channel).ModelInfer.future(infer_request("lrn", x), timeout=3.0) for _ in range(3)]
+        wait_until(lambda: queue_depth(running) == 3, "the requests queued behind the held batch", timeout=2.9)
         for call in calls:
             with pytest.raises(grpc.RpcError) as info:
                 call.result(timeout=30)

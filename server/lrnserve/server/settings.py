@@ -94,39 +94,21 @@ def _bound(bound: Bound) -> _LRNRule:
 
 
 _LRN = LRNParams()
-# The [models.NAME] keys of an LRN model's request parameter defaults (ops.LRNParams).
+
+
+def _lrn_default(name: str, check: Check, doc: str) -> Setting:
+    """A [models.NAME] key of an LRN model: the default of one request parameter (ops.LRNParams)."""
+    return Setting(name, getattr(_LRN, name), check, doc, only="lrn", env=False, flags=())
+
+
 LRN_SETTINGS = {
     s.name: s
     for s in (
-        Setting(
-            "mode",
-            _LRN.mode,
-            _LRNRule(check_mode, "across | within"),
-            "default LRN region",
-            only="lrn",
-            env=False,
-            flags=(),
-        ),
-        Setting(
-            "size",
-            _LRN.size,
-            _LRNRule(check_size, "integer >= 1"),
-            "default window length",
-            only="lrn",
-            env=False,
-            flags=(),
-        ),
-        Setting(
-            "alpha",
-            _LRN.alpha,
-            _bound(ALPHA),
-            "default alpha (divided by the window's element count)",
-            only="lrn",
-            env=False,
-            flags=(),
-        ),
-        Setting("beta", _LRN.beta, _bound(BETA), "default beta (the exponent)", only="lrn", env=False, flags=()),
-        Setting("k", _LRN.k, _bound(K), "default k (added before the power)", only="lrn", env=False, flags=()),
+        _lrn_default("mode", _LRNRule(check_mode, "across | within"), "default LRN region"),
+        _lrn_default("size", _LRNRule(check_size, "integer >= 1"), "default window length"),
+        _lrn_default("alpha", _bound(ALPHA), "default alpha (divided by the window's element count)"),
+        _lrn_default("beta", _bound(BETA), "default beta (the exponent)"),
+        _lrn_default("k", _bound(K), "default k (added before the power)"),
     )
 }
 

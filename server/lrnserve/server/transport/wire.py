@@ -40,13 +40,10 @@ Buffer = bytes | memoryview
 @dataclass(frozen=True, slots=True)
 class InferRequestWire:
     """A received ModelInfer request; ``raw`` holds its raw_input_contents when they were
-    taken out of ``message`` as views of the received bytes (None: they are in ``message``).
-    ``refused``: the message's size, when the byte budget could not hold it (its tensors were
-    dropped on receipt)."""
+    taken out of ``message`` as views of the received bytes (None: they are in ``message``)."""
 
     message: pb.ModelInferRequest
     raw: list[memoryview] | None = None
-    refused: int = 0
 
     @property
     def raw_input_contents(self) -> Sequence[Buffer]:
@@ -108,7 +105,7 @@ def decode_infer_request(data: bytes) -> InferRequestWire:
     only what the refusal needs (model name, id), so its bytes are freed at once."""
     call = current_call()
     if call is not None and not call.lease.charge(len(data)):
-        return InferRequestWire(_without_tensors(data), refused=len(data))
+        return InferRequestWire(_without_tensors(data))  # the lease says it was refused
     return _decode(data)
 
 

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +25,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
+import yaml
 from harness import free_port, infer_request, metric_value, output_array, scrape, stub
 
 from lrnserve.client.pb import grpc_predict_v2_pb2 as pb
@@ -340,3 +342,36 @@ def test_grace_period_cut_short(tmp_path: Path) -> None:
         # elsewhere"), not cut off with the connection when the port closes.
         assert failed_queued.value.code() == grpc.StatusCode.UNAVAILABLE, failed_queued.value.details()
         assert "stopped before this request ran" in str(failed_queued.value.details())
+
+
+def kubernetes_termination() -> tuple[list[str], float, float]:
+    """From deploy/k8s: the preStop command, terminationGracePeriodSeconds, and the configmap's
+    grace_seconds."""
+    deploy = Path(__file__).resolve().parent.parent / "deploy" / "k8s"
+    deployment = yaml.safe_load((deploy / "cpu" / "deployment.yaml").read_text())
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    configmap = yaml.safe_load((deploy / "base" / "configmap.yaml").read_text())
+    grace = tomllib.loads(configmap["data"]["lrnserve.toml"])["server"]["grace_seconds"]
+    return container["lifecycle"]["preStop"]["exec"]["command"], float(pod["terminationGracePeriodSeconds"]), grace
+
+
+def test_the_kubernetes_termination_sequence(tmp_path: Path) -> None:
+    """What the kubelet does, with the manifests' numbers: run preStop (the pod leaves the
+    endpoints meanwhile, but calls already routed keep coming and are served), then SIGTERM; the
+    drain must end, exit 0, before terminationGracePeriodSeconds runs out."""
+    pre_stop, termination_grace, grace = kubernetes_termination()
+    with gated_server(tmp_path, "--grace", str(grace)) as server:
+        calls = hold_one_computing_and_queue(server, -1.0, [2.0])
+        started = time.monotonic()
+        during_pre_stop = server.infer(3.5)  # arrives while preStop runs: not refused
+        server.wait_queue_depth(2)
+        subprocess.run(pre_stop, check=True, timeout=termination_grace)
+        assert server.overall_status() == SERVING, "the server drained before SIGTERM"
+        server.proc.send_signal(signal.SIGTERM)
+        server.wait_not_serving()
+        server.open_gate()
+        for fill, call in zip([-1.0, 2.0, 3.5], [*calls, during_pre_stop], strict=True):
+            np.testing.assert_array_equal(output_array(call.result(timeout=WAIT)), expected(sample(fill)))
+        assert server.exit_code() == 0, server.log()
+        assert time.monotonic() - started < termination_grace, "the kubelet would have killed the pod"

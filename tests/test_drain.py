@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from harness import free_port, infer_request, metric_value, output_array, scrape, stub
+from harness import free_port, infer_request, metric_value, output_array, scrape, stub, wait_until
 
 from lrnserve.client.pb import grpc_predict_v2_pb2 as pb
 from lrnserve.client.pb import health_pb2, health_pb2_grpc
@@ -47,14 +47,6 @@ max_queue_delay_us = 0
 """
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVING = health_pb2.HealthCheckResponse.SERVING
-
-
-def until(condition: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
-    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not after {timeout}s"
-        time.sleep(0.02)
 
 
 def sample(fill: float) -> np.ndarray:
@@ -129,7 +121,7 @@ class GatedServer:
             assert self.proc.poll() is None, f"server exited with {self.proc.returncode}; log:\n{self.log()}"
             return self.overall_status() == SERVING
 
-        until(ready, "server SERVING")
+        wait_until(ready, "server SERVING", WAIT)
 
     def wait_not_serving(self) -> None:
         """Until the overall health is NOT_SERVING, the process still running (draining)."""
@@ -138,13 +130,13 @@ class GatedServer:
             assert self.proc.poll() is None, f"server exited with {self.proc.returncode}; log:\n{self.log()}"
             return self.overall_status() == NOT_SERVING
 
-        until(not_serving, "health NOT_SERVING after SIGTERM")
+        wait_until(not_serving, "health NOT_SERVING after SIGTERM", WAIT)
 
     def queue_depth(self) -> float | None:
         return metric_value(scrape(self.metrics_port), "lrnserve_queue_depth", model="lrn")
 
     def wait_queue_depth(self, depth: int) -> None:
-        until(lambda: self.queue_depth() == depth, f"lrnserve_queue_depth{{model='lrn'}} == {depth}")
+        wait_until(lambda: self.queue_depth() == depth, f"lrnserve_queue_depth{{model='lrn'}} == {depth}", WAIT)
 
     def infer(self, fill: float) -> grpc.Future[pb.ModelInferResponse]:
         return self.stub.ModelInfer.future(infer_request("lrn", sample(fill)), timeout=WAIT)
@@ -300,9 +292,10 @@ def test_a_request_still_arriving_at_sigterm_is_served(tmp_path: Path) -> None:
             arriving = stub(arriving_channel).ModelInfer.future(infer_request("lrn", big), timeout=WAIT)
             assert proxy.holding.wait(timeout=WAIT), "the proxy never held the message"
             # Three calls the server has begun: computing, queued, and the one still arriving.
-            until(
+            wait_until(
                 lambda: metric_value(scrape(server.metrics_port), "lrnserve_calls_in_progress") == 3,
                 "the server began the call whose message is arriving",
+                WAIT,
             )
 
             server.proc.send_signal(signal.SIGTERM)

@@ -35,10 +35,10 @@ def keep_freed_memory(cache_bytes: int) -> bool:
     """Let glibc's heap serve and keep buffers up to ``cache_bytes``; False where not glibc or 0."""
     if cache_bytes <= 0:
         return False
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    libc = _glibc()
+    if libc is None:
         logger.debug("allocator tuning skipped: not glibc")
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     mmap_threshold = min(cache_bytes, MAX_MMAP_THRESHOLD)
     ok = bool(libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and bool(libc.mallopt(M_TRIM_THRESHOLD, cache_bytes))
     if not ok:
@@ -50,7 +50,11 @@ def release_freed_memory() -> bool:
     """Give the C heap's free pages back to the kernel (glibc's ``malloc_trim``), in every
     thread's arena: after a burst of large requests the freed buffers are otherwise kept, and a
     server's resident memory ratchets up burst after burst. False where not glibc."""
+    libc = _glibc()
+    return libc is not None and bool(libc.malloc_trim(0))
+
+
+def _glibc() -> ctypes.CDLL | None:
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    return bool(libc.malloc_trim(0))
+        return None
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

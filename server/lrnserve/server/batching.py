@@ -362,7 +362,7 @@ class Batcher:
     def _fail(self, batch: list[Pending], exc: BaseException) -> None:
         if isinstance(exc, BatchAbandoned):
             logger.debug("model '%s': batch of %d requests stopped: nobody waits for it", self.name, len(batch))
-            make: Callable[[], Exception] = lambda: Unavailable(f"model '{self.name}': nobody waits for this batch")  # noqa: E731
+            make: Callable[[], Exception] = Unavailable(f"model '{self.name}': nobody waits for this batch").copy
         elif isinstance(exc, ServingError):
             logger.warning("model '%s': batch of %d requests failed: %s", self.name, len(batch), exc.message)
             make = exc.copy

@@ -61,8 +61,9 @@ class _DeviceMemory(Collector):
 class Metrics:
     """The Prometheus side of telemetry: every metric, registered on ``registry`` at start-up.
 
-    Contract: only ``Telemetry`` records into it, on the event loop thread; the served models
-    and their devices are known up front, so every model's series exist from the first scrape.
+    Contract: only ``Telemetry`` records into it (prometheus_client's metrics take their own
+    locks); the served models and their devices are known up front, so every model's series
+    exist from the first scrape.
     """
 
     def __init__(

@@ -44,11 +44,8 @@ def per_sample(bound: Bound, value: PerSample, batch: int) -> torch.Tensor:
         return torch.full((batch,), bound.check(float(values.item())), dtype=torch.float64)
     if values.numel() != batch:
         raise ValueError(f"{bound.name} must be a number or {batch} numbers (one per sample), got {values.numel()}")
-    above = values >= bound.minimum if bound.minimum_allowed else values > bound.minimum
-    bad = ~(torch.isfinite(values) & above & (values <= bound.maximum))
-    if bool(bad.any()):
-        index = int(bad.nonzero()[0])
-        bound.check(values[index].item(), f"{bound.name}[{index}]")
+    for index, number in enumerate(values.tolist()):  # one value per sample: a batch's worth
+        bound.check(number, f"{bound.name}[{index}]")
     return values.contiguous()
 
 

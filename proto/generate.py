@@ -1,10 +1,12 @@
 """Regenerate the committed Python stubs from the .proto files in this folder.
 
-    python proto/generate.py           # rewrite client/lrnserve/client/pb/
+    python proto/generate.py           # rewrite the stub packages below
     python proto/generate.py --check   # exit 1 if the committed stubs differ (CI)
 
-The .proto files are compiled as if they lived at lrnserve/client/pb/, so the
-generated modules import each other by their installed package path. Needs the
+Two sets: the service protocol (``proto/*.proto``, into client/lrnserve/client/pb/) and the
+model file formats the importers read (``proto/formats/*.proto``: Caffe's and ONNX's own field
+numbers, into server/lrnserve/server/importers/pb/). Each set is compiled as if it lived at its
+package path, so the generated modules import each other by their installed path. Needs the
 pinned grpcio-tools and mypy-protobuf of the dev extra (the output depends on them).
 """
 
@@ -15,15 +17,44 @@ import difflib
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
-PACKAGE = Path("lrnserve/client/pb")
-TARGET = ROOT / "client" / PACKAGE
-INIT = '"""Generated Open Inference Protocol v2 and grpc.health.v1 stubs (see proto/generate.py)."""\n'
+
+
+@dataclass(frozen=True)
+class StubSet:
+    sources: Path  # folder of .proto files
+    package: Path  # import path of the generated package
+    root: Path  # source root the package lives under
+    doc: str
+    grpc: bool  # also generate service stubs
+
+    @property
+    def target(self) -> Path:
+        return self.root / self.package
+
+
+STUB_SETS = (
+    StubSet(
+        PROTO_DIR,
+        Path("lrnserve/client/pb"),
+        ROOT / "client",
+        "Generated Open Inference Protocol v2 and grpc.health.v1 stubs (see proto/generate.py).",
+        grpc=True,
+    ),
+    StubSet(
+        PROTO_DIR / "formats",
+        Path("lrnserve/server/importers/pb"),
+        ROOT / "server",
+        "Generated stubs of the Caffe and ONNX file formats' subsets (see proto/generate.py).",
+        grpc=False,
+    ),
+)
 
 
 def plugin(name: str) -> str:
@@ -33,41 +64,60 @@ def plugin(name: str) -> str:
     return path
 
 
-def generate(out: Path) -> None:
+def generate(stubs: StubSet, out: Path) -> None:
+    """Write ``stubs``' package under the source root ``out``."""
     with tempfile.TemporaryDirectory() as tmp:
         source_root = Path(tmp)
-        (source_root / PACKAGE).mkdir(parents=True)
-        sources = sorted(PROTO_DIR.glob("*.proto"))
+        (source_root / stubs.package).mkdir(parents=True)
+        sources = sorted(stubs.sources.glob("*.proto"))
+        if not sources:
+            return
         for source in sources:
-            shutil.copy(source, source_root / PACKAGE / source.name)
+            shutil.copy(source, source_root / stubs.package / source.name)
         out.mkdir(parents=True, exist_ok=True)
         args = [
             "grpc_tools.protoc",
             f"-I{source_root}",
             f"--python_out={out}",
-            f"--grpc_python_out={out}",
             f"--plugin=protoc-gen-mypy={plugin('protoc-gen-mypy')}",
-            f"--plugin=protoc-gen-mypy_grpc={plugin('protoc-gen-mypy_grpc')}",
             f"--mypy_out={out}",
-            f"--mypy_grpc_out={out}",
-            *(str(PACKAGE / s.name) for s in sources),
         ]
+        if stubs.grpc:
+            args += [
+                f"--grpc_python_out={out}",
+                f"--plugin=protoc-gen-mypy_grpc={plugin('protoc-gen-mypy_grpc')}",
+                f"--mypy_grpc_out={out}",
+            ]
+        args += [str(stubs.package / s.name) for s in sources]
         if protoc.main(args) != 0:
             raise SystemExit("protoc failed")
-    (out / PACKAGE / "__init__.py").write_text(INIT)
-    (out / PACKAGE / "py.typed").write_text("")
+    (out / stubs.package / "__init__.py").write_text(f'"""{stubs.doc}"""\n')
+    (out / stubs.package / "py.typed").write_text("")
 
 
 def check() -> int:
+    stale = []
+    for stubs in STUB_SETS:
+        stale += _stale(stubs)
+    if stale:
+        print(f"\nstale generated stubs: {', '.join(stale)}; run: python proto/generate.py")
+        return 1
+    print("generated stubs are up to date")
+    return 0
+
+
+def _stale(stubs: StubSet) -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         fresh_root = Path(tmp)
-        generate(fresh_root)
-        fresh = fresh_root / PACKAGE
-        names = {p.name for p in fresh.iterdir()} | {p.name for p in TARGET.iterdir() if p.is_file()}
+        generate(stubs, fresh_root)
+        fresh = fresh_root / stubs.package
+        target = stubs.target
+        present = {p.name for p in target.iterdir() if p.is_file()} if target.exists() else set()
+        names = {p.name for p in fresh.iterdir()} | present
         names.discard("__pycache__")
         stale = []
         for name in sorted(names):
-            a, b = TARGET / name, fresh / name
+            a, b = target / name, fresh / name
             old = a.read_text() if a.exists() else ""
             new = b.read_text() if b.exists() else ""
             if old != new:
@@ -75,11 +125,7 @@ def check() -> int:
                 sys.stdout.writelines(
                     list(difflib.unified_diff(old.splitlines(True), new.splitlines(True), str(a), str(b)))[:40]
                 )
-        if stale:
-            print(f"\nstale generated stubs: {', '.join(stale)}; run: python proto/generate.py")
-            return 1
-    print("generated stubs are up to date")
-    return 0
+        return stale
 
 
 def main() -> int:
@@ -88,8 +134,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.check:
         return check()
-    generate(ROOT / "client")
-    print(f"wrote {TARGET.relative_to(ROOT)}")
+    for stubs in STUB_SETS:
+        generate(stubs, stubs.root)
+        print(f"wrote {stubs.target.relative_to(ROOT)}")
     return 0
 
 

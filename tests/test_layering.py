@@ -14,13 +14,14 @@ PACKAGE = repo_root() / "server" / "lrnserve" / "server"
 
 # Top to bottom; a module may import its own layer, any layer below, and the shared leaves.
 LAYERS: list[set[str]] = [
-    {"cli", "app"},
+    {"cli", "app", "modeltools"},
     {"transport"},
     {"dataplane", "validate"},
     {"repository"},
     {"batching"},
     {"executor"},
     {"servables"},
+    {"importers"},
     {"models", "ops"},
 ]
 # Used across the stack, importing nothing above them: errors, configuration, the request and

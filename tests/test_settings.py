@@ -9,7 +9,7 @@ import torch
 
 from lrnserve.server.ops import LRNParams
 from lrnserve.server.repository import resolve_device
-from lrnserve.server.settings import KINDS, BatchingPolicy, ConfigError, ServerSettings, load_settings
+from lrnserve.server.settings import BUILT_IN_NETWORKS, BatchingPolicy, ConfigError, ServerSettings, load_settings
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -21,7 +21,7 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_defaults_serve_the_embedded_models() -> None:
     settings = load_settings(overrides={"plaintext": True})
     assert settings == ServerSettings(plaintext=True)
-    assert [m.name for m in settings.models] == list(KINDS)
+    assert [m.name for m in settings.models] == ["lrn", *BUILT_IN_NETWORKS]
     assert (settings.grpc_port, settings.metrics_port, settings.device) == (8001, 8002, "auto")
     assert settings.max_message_bytes >= 256 * 1024 * 1024
     assert all(m.batching == BatchingPolicy() and m.batching.max_batch_size == 32 for m in settings.models)

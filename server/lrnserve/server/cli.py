@@ -24,7 +24,7 @@ from .app import LrnServer
 from .repository import ServableFactory
 from .schema import ConfigError, Setting
 from .servables import create_servable
-from .settings import KINDS, SERVER_SETTINGS, ServerSettings, load_settings
+from .settings import BUILT_IN_NETWORKS, SERVER_SETTINGS, ServerSettings, load_settings
 
 logger = logging.getLogger("lrnserve")
 EXIT_DRAIN_CUT_SHORT = 3
@@ -57,8 +57,8 @@ def build_parser(prog: str = "lrnserve serve") -> argparse.ArgumentParser:
     parser = Parser(
         prog=prog,
         description="Run the gRPC inference server. Without --config it serves the embedded models "
-        f"{', '.join(KINDS)}. Settings: flags > LRNSERVE_* environment variables > config file > defaults "
-        "(docs/settings.md). TLS is required unless --plaintext is given. SIGTERM/SIGINT drain, then "
+        f"lrn, {', '.join(BUILT_IN_NETWORKS)}. Settings: flags > LRNSERVE_* environment variables > config file > "
+        "defaults (docs/settings.md). TLS is required unless --plaintext is given. SIGTERM/SIGINT drain, then "
         "exit 0 (3 if the grace period ran out first).",
     )
     add_arguments(parser)

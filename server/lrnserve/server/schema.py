@@ -132,7 +132,7 @@ class Setting:
     env: bool = True
     flags: tuple[str, ...] | None = None  # None: --NAME-WITH-DASHES; () for none
     flag_sets: object = None  # a flag that takes no value sets this (booleans)
-    only: str | None = None  # model settings: "lrn" or "network" models only
+    only: str | None = None  # model settings: the group of model kinds it applies to (settings.MODEL_GROUPS)
 
     @property
     def variable(self) -> str:
@@ -155,7 +155,7 @@ def setting(default: Any, check: Check, doc: str, **where: Any) -> Any:
 
 
 def model_setting(default: Any, check: Check, doc: str, only: str | None = None) -> Any:
-    """A setting of one ``[models.NAME]`` table: a TOML key only (``only``: "lrn" or "network")."""
+    """A setting of one ``[models.NAME]`` table: a TOML key only (``only``: a group of model kinds)."""
     return setting(default, check, doc, env=False, flags=(), only=only)
 
 

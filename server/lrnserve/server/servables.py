@@ -21,8 +21,10 @@ import torch
 from lrnserve.client.datatypes import from_torch_name
 
 from .errors import InvalidArgument
+from .importers import read_caffe, read_onnx
 from .inference import ModelMetadata, ParameterValue, TensorMetadata
-from .models import create_network
+from .models import LRNNetwork, create_network
+from .models.runtime import GraphNetwork
 from .ops import Mode, local_response_norm, local_response_norm_checked, native, prepare
 from .ops.params import BOUNDS, check_mode, check_size
 from .settings import ModelConfig
@@ -229,17 +231,37 @@ class LRNServable(Servable):
         )
 
 
+def build_network(config: ModelConfig) -> LRNNetwork | GraphNetwork:
+    """The model a network config names: a model file through its importer, or a built-in.
+    A bad file raises ``ModelLoadError`` with one line naming the file and the layer or node."""
+    if config.kind == "caffe":
+        assert config.prototxt is not None  # settings require it
+        return GraphNetwork(read_caffe(config.prototxt, config.weights, seed=config.seed))
+    if config.kind == "onnx":
+        assert config.path is not None
+        return GraphNetwork(read_onnx(config.path))
+    return create_network(config.kind, weights=config.weights, seed=config.seed)
+
+
 class NetworkServable(Servable):
-    """A classic CNN: images in, class probabilities out, computed in the configured dtype."""
+    """A CNN, built in or from a model file: one input tensor in, one out, computed in the
+    configured dtype. An imported model keeps its file's tensor names and shapes."""
 
     output_name = "probabilities"
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
         self.dtype = getattr(torch, config.dtype)
-        self.network = create_network(config.kind, weights=config.weights, seed=config.seed)
+        self.network = build_network(config)
         self.sample_shape = self.network.input_shape
-        self.num_classes = self.network.num_classes
+        if isinstance(self.network, GraphNetwork):
+            self.input_name = self.network.input_name
+            self.output_name = self.network.output_name
+            self.output_sample_shape = self.network.output_shape
+            self.platform = self.network.format
+        else:
+            self.output_sample_shape = (self.network.num_classes,)
+            self.platform = PLATFORM
 
     def load(self, device: torch.device) -> str:
         self.device = device
@@ -266,7 +288,7 @@ class NetworkServable(Servable):
         return Resolved(group=(), scalars={})
 
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
-        return (input_shape[0], self.num_classes)
+        return (input_shape[0], *self.output_sample_shape)
 
     def run(
         self,
@@ -277,12 +299,11 @@ class NetworkServable(Servable):
     ) -> torch.Tensor:
         """The network stage by stage (feature layers, then the classifier), stopping between
         stages once every request of the batch has gone."""
-        h = x.to(self.dtype)
-        for stage in self.network.stages():
-            if abandonment is not None and abandonment.abandoned:
-                raise BatchAbandoned
-            h = stage(h)
-        return h.to(x.dtype)
+        stop = (lambda: abandonment.abandoned) if abandonment is not None else None
+        out = self.network.forward_until(x.to(self.dtype), stop)
+        if out is None:
+            raise BatchAbandoned
+        return out.to(x.dtype)
 
     def metadata(self) -> ModelMetadata:
         wire = from_torch_name(self.config.dtype)
@@ -290,9 +311,9 @@ class NetworkServable(Servable):
         return ModelMetadata(
             name=self.name,
             versions=("1",),
-            platform=PLATFORM,
+            platform=self.platform,
             inputs=(TensorMetadata(self.input_name, datatype, (-1, *self.sample_shape)),),
-            outputs=(TensorMetadata(self.output_name, datatype, (-1, self.num_classes)),),
+            outputs=(TensorMetadata(self.output_name, datatype, (-1, *self.output_sample_shape)),),
         )
 
 

@@ -42,7 +42,23 @@ from .schema import (
     settings_of,
 )
 
-KINDS = ("lrn", "alexnet", "caffenet", "googlenet", "cifar10_full", "zfnet512")
+BUILT_IN_NETWORKS = ("alexnet", "caffenet", "googlenet", "cifar10_full", "zfnet512")
+KINDS = ("lrn", *BUILT_IN_NETWORKS, "caffe", "onnx")
+# The kinds each restricted model setting applies to (``Setting.only`` names a group).
+MODEL_GROUPS: dict[str, tuple[str, ...]] = {
+    "lrn": ("lrn",),
+    "network": (*BUILT_IN_NETWORKS, "caffe", "onnx"),
+    "weighted": (*BUILT_IN_NETWORKS, "caffe"),
+    "caffe": ("caffe",),
+    "onnx": ("onnx",),
+}
+_GROUP_NAMES = {
+    "lrn": "lrn",
+    "network": "networks",
+    "weighted": "built-in networks, caffe",
+    "caffe": "caffe",
+    "onnx": "onnx",
+}
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -141,9 +157,19 @@ class ModelConfig:
         0, Integer(0, 1024), "CPU intra-op threads per instance; 0: the cores shared out among the instances"
     )
     weights: Path | None = model_setting(
-        None, File(), "a network's state dict or .safetensors; absent: seeded random weights", only="network"
+        None,
+        File(),
+        "trained weights: a caffe model's .caffemodel; a built-in network's .caffemodel (layers matched by "
+        "Caffe name), state dict or .safetensors; absent: seeded random weights",
+        only="weighted",
     )
-    seed: int = model_setting(0, Integer(0), "seed of a network's random weights", only="network")
+    seed: int = model_setting(
+        0, Integer(0), "seed of the random weights used when `weights` is absent", only="weighted"
+    )
+    prototxt: Path | None = model_setting(
+        None, File(), "the Caffe net definition (deploy.prototxt); required", only="caffe"
+    )
+    path: Path | None = model_setting(None, File(), "the .onnx model file; required", only="onnx")
     batching: BatchingPolicy = field(default_factory=BatchingPolicy)
     lrn: LRNParams = field(default_factory=LRNParams)
 
@@ -200,13 +226,12 @@ class ServerSettings:
 
 SERVER_SETTINGS = settings_of(ServerSettings)
 MODEL_SETTINGS = {**settings_of(ModelConfig), **settings_of(BatchingPolicy), **LRN_SETTINGS}
-_LRN_ONLY = tuple(name for name, s in MODEL_SETTINGS.items() if s.only == "lrn")
-_NETWORK_ONLY = tuple(name for name, s in MODEL_SETTINGS.items() if s.only == "network")
+_REQUIRED_FILE = {"caffe": "prototxt", "onnx": "path"}
 
 
 def default_models() -> tuple[ModelConfig, ...]:
     """The embedded model repository served when no config names models."""
-    return tuple(ModelConfig(name=kind, kind=kind) for kind in KINDS)
+    return tuple(ModelConfig(name=kind, kind=kind) for kind in ("lrn", *BUILT_IN_NETWORKS))
 
 
 def _reject_unknown(prefix: str, table: Mapping[str, object], known: Iterable[str]) -> None:
@@ -232,10 +257,13 @@ def _model(name: str, table: Mapping[str, Any], base_dir: Path) -> ModelConfig:
     prefix = f"models.{name}."
     _reject_unknown(prefix, table, MODEL_SETTINGS)
     kind = MODEL_SETTINGS["kind"].check(prefix + "kind", table.get("kind", name))
-    misplaced = _NETWORK_ONLY if kind == "lrn" else _LRN_ONLY
-    for key in misplaced:
-        if key in table:
+    for key in table:
+        only = MODEL_SETTINGS[key].only
+        if only is not None and kind not in MODEL_GROUPS[only]:
             raise ConfigError(f"{prefix}{key}: not a setting of a {kind!r} model")
+    required = _REQUIRED_FILE.get(kind)
+    if required is not None and required not in table:
+        raise ConfigError(f"{prefix}{required}: a {kind!r} model needs its file")
     values = {key: _checked(MODEL_SETTINGS[key], prefix + key, value, base_dir) for key, value in table.items()}
     values["kind"] = kind
     batching = BatchingPolicy(**{k: v for k, v in values.items() if k in settings_of(BatchingPolicy)})
@@ -360,7 +388,7 @@ def reference() -> str:
         "|---|---|---|---|---|",
     ]
     for s in MODEL_SETTINGS.values():
-        models = {"lrn": "lrn", "network": "networks"}.get(s.only or "", "all")
+        models = _GROUP_NAMES.get(s.only or "", "all")
         lines.append(f"| `{s.name}` | {models} | {_cell(s.default)} | {_escape(s.check.text)} | {s.doc} |")
     return "\n".join(lines) + "\n"
 

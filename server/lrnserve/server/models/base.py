@@ -70,6 +70,15 @@ class LRNNetwork(nn.Module):
             yield self.features
         yield self._head
 
+    def forward_until(self, x: torch.Tensor, stop: Callable[[], bool] | None) -> torch.Tensor | None:
+        """``forward``, giving up (None) between stages once ``stop()`` is true."""
+        h = x
+        for stage in self.stages():
+            if stop is not None and stop():
+                return None
+            h = stage(h)
+        return h
+
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.classifier(torch.flatten(h, 1)), dim=1)
 

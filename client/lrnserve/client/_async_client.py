@@ -10,6 +10,7 @@ import grpc
 
 from ._base import BaseClient, Operation
 from ._config import open_channel
+from ._errors import LrnserveError
 from ._types import ModelMetadata, ModelStatistics, ServerMetadata
 
 T = TypeVar("T")
@@ -68,8 +69,18 @@ class AsyncClient(BaseClient["grpc.aio.UnaryUnaryMultiCallable[Any, Any]"]):  # 
     async def statistics(self, model: str, *, timeout: float | None = None) -> ModelStatistics:
         return await self._run(self._statistics(model), timeout)
 
-    async def infer(self, model: str, x: Any, *, timeout: float | None = None, **parameters: Any) -> Any:
-        return await self._run(self._infer(model, x, parameters), timeout)
+    async def infer(
+        self, model: str, x: Any, *, timeout: float | None = None, input_name: str | None = None, **parameters: Any
+    ) -> Any:
+        name = input_name or self._input_names.get(model) or await self._input_name(model, timeout)
+        return await self._run(self._infer(model, x, parameters, name), timeout)
+
+    async def _input_name(self, model: str, timeout: float | None) -> str:
+        try:
+            metadata: ModelMetadata | None = await self.metadata(model, timeout=timeout)
+        except LrnserveError:
+            metadata = None
+        return self._learn_input_name(model, metadata)
 
     async def lrn(
         self,

@@ -108,6 +108,9 @@ class BaseClient(Generic[Call]):
         self._call_metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
         self.options = channel_options(max_message_bytes, tls)
         self._callables: dict[str, Call] = {}
+        # Each model's input tensor name, learnt from its metadata on first use: model files keep
+        # their own names ("data", "data_0"), the built-in models take "input".
+        self._input_names: dict[str, str] = {}
 
     def _credentials(self) -> grpc.ChannelCredentials | None:
         return self.tls.credentials() if self.tls is not None else None
@@ -177,9 +180,17 @@ class BaseClient(Generic[Call]):
         )
 
     @staticmethod
-    def _infer(model: str, x: Any, parameters: dict[str, Any]) -> Operation[Any]:
-        request, decoder = encode(model, x, parameters)
+    def _infer(model: str, x: Any, parameters: dict[str, Any], input_name: str = "input") -> Operation[Any]:
+        request, decoder = encode(model, x, parameters, input_name)
         return Operation(method("ModelInfer"), request, pb.ModelInferResponse, decoder.decode)
+
+    def _learn_input_name(self, model: str, metadata: ModelMetadata | None) -> str:
+        """The name to send; without metadata (lookup failed) the server's own answer to the
+        request will say what is wrong."""
+        if metadata is None or len(metadata.inputs) != 1:
+            return "input"
+        self._input_names[model] = metadata.inputs[0].name
+        return metadata.inputs[0].name
 
     @classmethod
     def _lrn(

@@ -10,6 +10,7 @@ import grpc
 
 from ._base import BaseClient, Operation
 from ._config import open_channel
+from ._errors import LrnserveError
 from ._types import ModelMetadata, ModelStatistics, ServerMetadata
 
 T = TypeVar("T")
@@ -68,11 +69,22 @@ class Client(BaseClient["grpc.UnaryUnaryMultiCallable[Any, Any]"]):  # quoted: g
     def statistics(self, model: str, *, timeout: float | None = None) -> ModelStatistics:
         return self._run(self._statistics(model), timeout)
 
-    def infer(self, model: str, x: Any, *, timeout: float | None = None, **parameters: Any) -> Any:
+    def infer(
+        self, model: str, x: Any, *, timeout: float | None = None, input_name: str | None = None, **parameters: Any
+    ) -> Any:
         """Run ``model`` on ``x`` (NCHW, or CHW for one sample) with request ``parameters``.
 
+        ``input_name``: the model's input tensor; by default learnt once from its metadata.
         numpy results are read-only views of the response bytes (``np.array(y)`` copies)."""
-        return self._run(self._infer(model, x, parameters), timeout)
+        name = input_name or self._input_names.get(model) or self._input_name(model, timeout)
+        return self._run(self._infer(model, x, parameters, name), timeout)
+
+    def _input_name(self, model: str, timeout: float | None) -> str:
+        try:
+            metadata: ModelMetadata | None = self.metadata(model, timeout=timeout)
+        except LrnserveError:
+            metadata = None
+        return self._learn_input_name(model, metadata)
 
     def lrn(
         self,

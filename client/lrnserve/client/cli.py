@@ -4,6 +4,8 @@ lrnserve serve [--config FILE] ...
 lrnserve infer MODEL -i x.npy -o y.npy [-p key=value ...]
 lrnserve health [--model M]            # exit 0 when SERVING: a container HEALTHCHECK
 lrnserve bench MODEL --shape 1,96,55,55 --concurrency 1,8,32 --duration 10 [--json FILE]
+lrnserve inspect FILE [--prototxt P]   # needs the server extra, as convert does
+lrnserve convert deploy.prototxt --weights model.caffemodel -o model.onnx
 """
 
 from __future__ import annotations
@@ -127,6 +129,20 @@ def cmd_serve(argv: Sequence[str]) -> int:
     return serve_main(argv)
 
 
+def cmd_modeltools(argv: Sequence[str]) -> int:
+    """``inspect`` and ``convert`` read model files with the server's importers."""
+    try:
+        from lrnserve.server.modeltools import main as modeltools_main
+    except ImportError as exc:
+        print(
+            f"lrnserve {argv[0]}: needs the server package, which is not installed ({exc.name} is missing). "
+            "Install it with: pip install 'lrnserve[server]' (see README.md for CPU/GPU torch)",
+            file=sys.stderr,
+        )
+        return 2
+    return modeltools_main(argv)
+
+
 def cmd_infer(args: argparse.Namespace) -> int:
     try:
         x = np.load(args.input, allow_pickle=False)
@@ -233,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Listed for --help; main() hands everything after "serve" to the server package.
     commands.add_parser("serve", help="run the inference server (lrnserve serve --help lists its flags)")
+    commands.add_parser("inspect", help="show a model file's layers and what lrnserve cannot run (needs the server)")
+    commands.add_parser("convert", help="convert a Caffe model to ONNX, checked in onnxruntime (needs the server)")
 
     infer = commands.add_parser(
         "infer",
@@ -289,6 +307,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["serve"]:
         return cmd_serve(argv[1:])
+    if argv[:1] in (["inspect"], ["convert"]):
+        return cmd_modeltools(argv)
     args = build_parser().parse_args(argv)
     try:
         code: int = args.handler(args)

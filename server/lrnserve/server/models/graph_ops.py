@@ -229,7 +229,7 @@ def softmax(op: ir.Softmax, x: torch.Tensor) -> torch.Tensor:
 
 def flatten(op: ir.Flatten, x: torch.Tensor) -> torch.Tensor:
     if op.end_axis is None:
-        axis = op.axis % (x.dim() + 1) if op.axis < 0 else op.axis
+        axis = op.axis + x.dim() if op.axis < 0 else op.axis
         return x.reshape(math.prod(x.shape[:axis]), -1)
     return torch.flatten(x, op.axis, op.end_axis)
 

@@ -21,9 +21,9 @@ import torch
 from lrnserve.client.datatypes import from_torch_name
 
 from .errors import InvalidArgument
-from .importers import read_caffe, read_onnx
+from .importers import built_in_network, read_caffe, read_onnx
 from .inference import ModelMetadata, ParameterValue, TensorMetadata
-from .models import LRNNetwork, create_network
+from .models import LRNNetwork
 from .models.runtime import GraphNetwork
 from .ops import Mode, local_response_norm, local_response_norm_checked, native, prepare
 from .ops.params import BOUNDS, check_mode, check_size
@@ -240,7 +240,7 @@ def build_network(config: ModelConfig) -> LRNNetwork | GraphNetwork:
     if config.kind == "onnx":
         assert config.path is not None
         return GraphNetwork(read_onnx(config.path))
-    return create_network(config.kind, weights=config.weights, seed=config.seed)
+    return built_in_network(config.kind, config.weights, seed=config.seed)
 
 
 class NetworkServable(Servable):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..models import DEFAULT_SEED, LRNNetwork, create_network
 from ..models.ir import Graph, ModelLoadError
 
 
@@ -23,6 +24,22 @@ def read_onnx(path: Path) -> Graph:
     from .onnx import read_model
 
     return read_model(path)
+
+
+def load_caffemodel(network: LRNNetwork, path: Path) -> None:
+    """A built-in network's weights from a .caffemodel, its layers matched by Caffe name."""
+    from .caffe import load_into
+
+    load_into(network, path)
+
+
+def built_in_network(name: str, weights: Path | None = None, *, seed: int = DEFAULT_SEED) -> LRNNetwork:
+    """``models.create_network`` that also takes a .caffemodel as ``weights``."""
+    if weights is None or weights.suffix.lower() != ".caffemodel":
+        return create_network(name, weights=weights, seed=seed)
+    network = create_network(name, seed=seed)
+    load_caffemodel(network, weights)
+    return network
 
 
 def read_file(path: Path, *, prototxt: Path | None = None) -> Graph:
@@ -42,4 +59,4 @@ def read_file(path: Path, *, prototxt: Path | None = None) -> Graph:
     )
 
 
-__all__ = ["Graph", "ModelLoadError", "read_caffe", "read_file", "read_onnx"]
+__all__ = ["Graph", "ModelLoadError", "built_in_network", "load_caffemodel", "read_caffe", "read_file", "read_onnx"]

@@ -100,12 +100,22 @@ class LRNNetwork(nn.Module):
                     module.reset_parameters()
         self.weights_source = f"seeded random (seed={seed})"
 
+    def caffe_layers(self) -> Iterator[tuple[str, nn.Module]]:
+        """(Caffe layer name, Conv2d or Linear) of every learned layer. Module leaf names are the BVLC
+        prototxts' layer names; a network whose Caffe names are not valid module names overrides."""
+        for qualified, module in self.named_modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                yield qualified.rsplit(".", 1)[-1], module
+
     def load_weights(self, path: str | Path) -> None:
-        """Load a PyTorch state dict (weights only, never pickled code) or a .safetensors file.
+        """Load a PyTorch state dict (weights only, never pickled code) or a .safetensors file
+        (a Caffe .caffemodel: ``importers.load_caffemodel``).
 
         Raises ValueError naming missing/unexpected keys or the first shape mismatch.
         """
         path = Path(path)
+        if path.suffix.lower() == ".caffemodel":  # the importers read these (a layer above)
+            raise ValueError(f"{path}: load a .caffemodel with lrnserve.server.importers.load_caffemodel")
         state = _read_state_dict(path)
         own = self.state_dict()
         missing = sorted(set(own) - set(state))

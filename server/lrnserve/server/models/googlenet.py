@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -75,3 +76,22 @@ class GoogLeNet(LRNNetwork):
         layers += [("pool5_7x7_s1", caffe_avg_pool(7, 1)), ("pool5_drop", nn.Dropout(0.4))]
         self.features = nn.Sequential(OrderedDict(layers))
         self.classifier = nn.Sequential(OrderedDict([("loss3_classifier", nn.Linear(1024, num_classes))]))
+
+    def caffe_layers(self) -> Iterator[tuple[str, nn.Module]]:
+        """The BVLC prototxt's names ("conv1/7x7_s2", "inception_3a/3x3_reduce", ...), which
+        contain slashes, so the modules cannot carry them."""
+        paths = {"conv1/7x7_s2": "features.conv1_7x7_s2", "conv2/3x3_reduce": "features.conv2_3x3_reduce"}
+        paths["conv2/3x3"] = "features.conv2_3x3"
+        for name in INCEPTION:
+            for caffe_name, branch in [
+                ("1x1", "branch_1x1.0"),
+                ("3x3_reduce", "branch_3x3.0.0"),
+                ("3x3", "branch_3x3.1.0"),
+                ("5x5_reduce", "branch_5x5.0.0"),
+                ("5x5", "branch_5x5.1.0"),
+                ("pool_proj", "branch_pool.1.0"),
+            ]:
+                paths[f"{name}/{caffe_name}"] = f"features.{name}.{branch}"
+        paths["loss3/classifier"] = "classifier.loss3_classifier"
+        for caffe_name, path in paths.items():
+            yield caffe_name, self.get_submodule(path)

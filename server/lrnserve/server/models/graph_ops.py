@@ -26,11 +26,11 @@ Step = Callable[..., torch.Tensor]
 def pool_output_size(extent: int, kernel: int, stride: int, begin: int, end: int, op: ir.Pool) -> int:
     """Output length along one axis (ir.Pool's rule)."""
     span = extent + begin + end - kernel
-    if span < 0:
-        raise ValueError(f"kernel {kernel} is larger than the padded input {extent + begin + end}")
-    out = (-(-span // stride) if op.ceil else span // stride) + 1
+    out = (-(-span // stride) if op.ceil else span // stride) + 1  # ceil: one clipped window may remain
     if op.ceil and op.clip_last_window and (out - 1) * stride >= extent + begin:
         out -= 1
+    if out < 1:
+        raise ValueError(f"kernel {kernel} is larger than the padded input {extent + begin + end}")
     return out
 
 

@@ -45,6 +45,12 @@ class GRPCInferenceServiceStub:
     ModelInfer: _grpc.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.ModelInferRequest, _grpc_predict_v2_pb2.ModelInferResponse]
     ModelStatistics: _grpc.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.ModelStatisticsRequest, _grpc_predict_v2_pb2.ModelStatisticsResponse]
     """Cumulative per-model statistics (Triton's statistics extension; its field numbers)."""
+    ModelConfig: _grpc.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.ModelConfigRequest, _grpc_predict_v2_pb2.ModelConfigResponse]
+    """Triton's model configuration extension."""
+    RepositoryIndex: _grpc.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.RepositoryIndexRequest, _grpc_predict_v2_pb2.RepositoryIndexResponse]
+    """Triton's model repository extension (model control)."""
+    RepositoryModelLoad: _grpc.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.RepositoryModelLoadRequest, _grpc_predict_v2_pb2.RepositoryModelLoadResponse]
+    RepositoryModelUnload: _grpc.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.RepositoryModelUnloadRequest, _grpc_predict_v2_pb2.RepositoryModelUnloadResponse]
 
 @_typing.type_check_only
 class GRPCInferenceServiceAsyncStub(GRPCInferenceServiceStub):
@@ -60,6 +66,12 @@ class GRPCInferenceServiceAsyncStub(GRPCInferenceServiceStub):
     ModelInfer: _aio.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.ModelInferRequest, _grpc_predict_v2_pb2.ModelInferResponse]  # type: ignore[assignment]
     ModelStatistics: _aio.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.ModelStatisticsRequest, _grpc_predict_v2_pb2.ModelStatisticsResponse]  # type: ignore[assignment]
     """Cumulative per-model statistics (Triton's statistics extension; its field numbers)."""
+    ModelConfig: _aio.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.ModelConfigRequest, _grpc_predict_v2_pb2.ModelConfigResponse]  # type: ignore[assignment]
+    """Triton's model configuration extension."""
+    RepositoryIndex: _aio.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.RepositoryIndexRequest, _grpc_predict_v2_pb2.RepositoryIndexResponse]  # type: ignore[assignment]
+    """Triton's model repository extension (model control)."""
+    RepositoryModelLoad: _aio.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.RepositoryModelLoadRequest, _grpc_predict_v2_pb2.RepositoryModelLoadResponse]  # type: ignore[assignment]
+    RepositoryModelUnload: _aio.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.RepositoryModelUnloadRequest, _grpc_predict_v2_pb2.RepositoryModelUnloadResponse]  # type: ignore[assignment]
 
 class GRPCInferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -114,5 +126,35 @@ class GRPCInferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_grpc_predict_v2_pb2.ModelStatisticsResponse, _abc.Awaitable[_grpc_predict_v2_pb2.ModelStatisticsResponse]]:
         """Cumulative per-model statistics (Triton's statistics extension; its field numbers)."""
+
+    @_abc_1.abstractmethod
+    def ModelConfig(
+        self,
+        request: _grpc_predict_v2_pb2.ModelConfigRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_grpc_predict_v2_pb2.ModelConfigResponse, _abc.Awaitable[_grpc_predict_v2_pb2.ModelConfigResponse]]:
+        """Triton's model configuration extension."""
+
+    @_abc_1.abstractmethod
+    def RepositoryIndex(
+        self,
+        request: _grpc_predict_v2_pb2.RepositoryIndexRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_grpc_predict_v2_pb2.RepositoryIndexResponse, _abc.Awaitable[_grpc_predict_v2_pb2.RepositoryIndexResponse]]:
+        """Triton's model repository extension (model control)."""
+
+    @_abc_1.abstractmethod
+    def RepositoryModelLoad(
+        self,
+        request: _grpc_predict_v2_pb2.RepositoryModelLoadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_grpc_predict_v2_pb2.RepositoryModelLoadResponse, _abc.Awaitable[_grpc_predict_v2_pb2.RepositoryModelLoadResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RepositoryModelUnload(
+        self,
+        request: _grpc_predict_v2_pb2.RepositoryModelUnloadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_grpc_predict_v2_pb2.RepositoryModelUnloadResponse, _abc.Awaitable[_grpc_predict_v2_pb2.RepositoryModelUnloadResponse]]: ...
 
 def add_GRPCInferenceServiceServicer_to_server(servicer: GRPCInferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

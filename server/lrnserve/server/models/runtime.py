@@ -78,6 +78,13 @@ class GraphNetwork(nn.Module):
         self.value_shapes = shapes
         planned = batch_axis.plan(nodes, self._input_value, shapes, set(constants))
         self.per_sample = planned.per_sample_reason
+        if self.per_sample and batch > 1:
+            # Its samples may depend on each other in groups of the declared batch: no request
+            # of another size could be answered as the file defines it.
+            raise ir.ModelLoadError(
+                f"{self.origin}: the graph declares batch {batch} and {self.per_sample}, so its samples cannot be "
+                "served apart; export it with batch 1 or a symbolic batch dim"
+            )
         if self.per_sample:
             logger.info("%s: runs one sample at a time: %s", self.name, self.per_sample)
         self._plan = self._build(planned.nodes, constants)

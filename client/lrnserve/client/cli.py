@@ -11,11 +11,12 @@ lrnserve convert deploy.prototxt --weights model.caffemodel -o model.onnx
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -115,32 +116,29 @@ def connection(args: argparse.Namespace) -> dict[str, Any]:
 # ---- commands ----
 
 
-def cmd_serve(argv: Sequence[str]) -> int:
-    """Hand the arguments to the server package, which owns the ``serve`` flags."""
+def _server_main(command: str, module: str) -> Callable[[Sequence[str]], int] | None:
+    """The server package's ``main`` for ``command``, or None (said on stderr) without the extra."""
     try:
-        from lrnserve.server.cli import main as serve_main
+        return importlib.import_module(module).main  # type: ignore[no-any-return]
     except ImportError as exc:
         print(
-            f"lrnserve serve: the server is not installed ({exc.name} is missing). "
+            f"lrnserve {command}: the server is not installed ({exc.name} is missing). "
             "Install it with: pip install 'lrnserve[server]' (see README.md for CPU/GPU torch)",
             file=sys.stderr,
         )
-        return 2
-    return serve_main(argv)
+        return None
+
+
+def cmd_serve(argv: Sequence[str]) -> int:
+    """Hand the arguments to the server package, which owns the ``serve`` flags."""
+    serve_main = _server_main("serve", "lrnserve.server.cli")
+    return 2 if serve_main is None else serve_main(argv)
 
 
 def cmd_modeltools(argv: Sequence[str]) -> int:
     """``inspect`` and ``convert`` read model files with the server's importers."""
-    try:
-        from lrnserve.server.modeltools import main as modeltools_main
-    except ImportError as exc:
-        print(
-            f"lrnserve {argv[0]}: needs the server package, which is not installed ({exc.name} is missing). "
-            "Install it with: pip install 'lrnserve[server]' (see README.md for CPU/GPU torch)",
-            file=sys.stderr,
-        )
-        return 2
-    return modeltools_main(argv)
+    modeltools_main = _server_main(argv[0], "lrnserve.server.modeltools")
+    return 2 if modeltools_main is None else modeltools_main(argv)
 
 
 def cmd_infer(args: argparse.Namespace) -> int:

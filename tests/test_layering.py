@@ -16,11 +16,11 @@ PACKAGE = repo_root() / "server" / "lrnserve" / "server"
 LAYERS: list[set[str]] = [
     {"cli", "app", "modeltools"},
     {"transport"},
-    {"dataplane", "validate"},
+    {"dataplane", "validate", "classification", "configuration"},
     {"repository"},
     {"batching"},
     {"executor"},
-    {"servables"},
+    {"servables", "preprocess"},
     {"importers"},
     {"models", "ops"},
 ]

@@ -268,3 +268,41 @@ def test_concurrent_sdk_callers_share_a_batch(
     assert servable.batch_sizes == [1, 4]
     for index, x in enumerate(xs):
         assert_close(results[index], references(model_folder, model, x))
+
+
+BAD_FILES = {
+    "unsupported layer": (
+        "caffe",
+        'name: "n" input: "data" input_shape { dim: 1 dim: 3 dim: 8 dim: 8 }\n'
+        'layer { name: "act" type: "PReLU" bottom: "data" top: "act" }\n',
+        "layer 'act' (PReLU): layer type 'PReLU' is not supported; supported: BatchNorm, Concat",
+    ),
+    "truncated onnx": ("onnx", None, "tiny.onnx"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES), ids=list(BAD_FILES))
+def test_a_bad_model_file_stops_start_up_with_one_line(model_folder: Path, tmp_path: Path, case: str) -> None:
+    """``lrnserve serve`` refuses to start: exit 1, the reason in one log line naming the file and
+    the layer, and no traceback."""
+    kind, text, expected = BAD_FILES[case]
+    if kind == "caffe":
+        assert text is not None
+        (tmp_path / "net.prototxt").write_text(text)
+        table = 'kind = "caffe"\nprototxt = "net.prototxt"\n'
+    else:
+        data = (model_folder / "models" / "tiny.onnx").read_bytes()
+        (tmp_path / "tiny.onnx").write_bytes(data[: len(data) // 2])
+        table = 'kind = "onnx"\npath = "tiny.onnx"\n'
+    (tmp_path / "lrnserve.toml").write_text(f"[models.bad]\n{table}")
+    command = [sys.executable, "-m", "lrnserve.client.cli", "serve", "--plaintext", "--host", "127.0.0.1"]
+    done = subprocess.run(
+        [*command, "--grpc-port", "0", "--metrics-port", "0", "--config", str(tmp_path / "lrnserve.toml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    failures = [line for line in done.stderr.splitlines() if "start-up failed" in line]
+    assert len(failures) == 1 and expected in failures[0], done.stderr

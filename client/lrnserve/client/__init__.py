@@ -22,13 +22,14 @@ from ._errors import (
     Unavailable,
     Unimplemented,
 )
-from ._types import ModelMetadata, ModelStatistics, ServerMetadata, TensorMetadata
+from ._types import Classification, ModelMetadata, ModelStatistics, ServerMetadata, TensorMetadata
 from .version import __version__
 
 __all__ = [
     "TLS",
     "AsyncClient",
     "Cancelled",
+    "Classification",
     "Client",
     "DeadlineExceeded",
     "FailedPrecondition",

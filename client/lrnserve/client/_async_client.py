@@ -75,6 +75,10 @@ class AsyncClient(BaseClient["grpc.aio.UnaryUnaryMultiCallable[Any, Any]"]):  # 
         name = input_name or self._input_names.get(model) or await self._input_name(model, timeout)
         return await self._run(self._infer(model, x, parameters, name), timeout)
 
+    async def classify(self, model: str, images: Any, *, top: int = 5, timeout: float | None = None) -> Any:
+        names = self._known_names(model) or self._learn_names(model, await self.metadata(model, timeout=timeout))
+        return await self._run(self._classify(model, images, top, *names), timeout)
+
     async def _input_name(self, model: str, timeout: float | None) -> str:
         try:
             metadata: ModelMetadata | None = await self.metadata(model, timeout=timeout)

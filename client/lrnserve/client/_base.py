@@ -17,7 +17,7 @@ import grpc
 
 from ._config import TLS, Retry, channel_options, channel_target, compression_of, retry_policy
 from ._errors import DeadlineExceeded, error_from_rpc
-from ._tensors import encode, lrn_parameters
+from ._tensors import encode, encode_classify, lrn_parameters
 from ._types import ModelMetadata, ModelStatistics, ServerMetadata
 from .pb import grpc_predict_v2_pb2 as pb
 from .pb import health_pb2
@@ -111,6 +111,7 @@ class BaseClient(Generic[Call]):
         # Each model's input tensor name, learnt from its metadata on first use: model files keep
         # their own names ("data", "data_0"), the built-in models take "input".
         self._input_names: dict[str, str] = {}
+        self._output_names: dict[str, str] = {}  # the same for outputs, for ``classify``
 
     def _credentials(self) -> grpc.ChannelCredentials | None:
         return self.tls.credentials() if self.tls is not None else None
@@ -183,6 +184,23 @@ class BaseClient(Generic[Call]):
     def _infer(model: str, x: Any, parameters: dict[str, Any], input_name: str = "input") -> Operation[Any]:
         request, decoder = encode(model, x, parameters, input_name)
         return Operation(method("ModelInfer"), request, pb.ModelInferResponse, decoder.decode)
+
+    @staticmethod
+    def _classify(model: str, x: Any, top: int, input_name: str, output_name: str) -> Operation[Any]:
+        request, decoder = encode_classify(model, x, top, input_name, output_name)
+        return Operation(method("ModelInfer"), request, pb.ModelInferResponse, decoder.decode)
+
+    def _learn_names(self, model: str, metadata: ModelMetadata) -> tuple[str, str]:
+        """The model's input and output names, for ``classify`` (it needs one output)."""
+        if len(metadata.outputs) != 1:
+            raise ValueError(f"model '{model}' has {len(metadata.outputs)} outputs; classify needs exactly one")
+        self._output_names[model] = metadata.outputs[0].name
+        return self._learn_input_name(model, metadata), metadata.outputs[0].name
+
+    def _known_names(self, model: str) -> tuple[str, str] | None:
+        if model in self._input_names and model in self._output_names:
+            return self._input_names[model], self._output_names[model]
+        return None
 
     def _learn_input_name(self, model: str, metadata: ModelMetadata | None) -> str:
         """The name to send; without metadata (lookup failed) the server's own answer to the

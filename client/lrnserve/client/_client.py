@@ -79,6 +79,13 @@ class Client(BaseClient["grpc.UnaryUnaryMultiCallable[Any, Any]"]):  # quoted: g
         name = input_name or self._input_names.get(model) or self._input_name(model, timeout)
         return self._run(self._infer(model, x, parameters, name), timeout)
 
+    def classify(self, model: str, images: Any, *, top: int = 5, timeout: float | None = None) -> Any:
+        """Each image's ``top`` classes, best first, as ``Classification(label, index, score)``
+        (label None when the model has no labels): a list per image of an NCHW batch, one list
+        for a CHW image. The server picks them (the classification extension)."""
+        names = self._known_names(model) or self._learn_names(model, self.metadata(model, timeout=timeout))
+        return self._run(self._classify(model, images, top, *names), timeout)
+
     def _input_name(self, model: str, timeout: float | None) -> str:
         try:
             metadata: ModelMetadata | None = self.metadata(model, timeout=timeout)

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ._types import Classification
 from .datatypes import from_numpy, from_torch_name, from_wire, wire_names
 from .pb import grpc_predict_v2_pb2 as pb
 
@@ -97,6 +98,58 @@ def encode(
         if value is not None:
             set_parameter(request.parameters[name], name, value)
     return request, Decoder(single)
+
+
+def encode_classify(
+    model: str, x: Any, top: int, input_name: str, output_name: str
+) -> tuple[pb.ModelInferRequest, ClassDecoder]:
+    """A request for ``output_name``'s ``top`` classes of each image (the classification extension)."""
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        raise ValueError(f"top must be an integer >= 1, got {top!r}")
+    request, decoder = encode(model, x, {}, input_name)
+    output = request.outputs.add(name=output_name)
+    output.parameters["classification"].int64_param = top
+    return request, ClassDecoder(decoder.single)
+
+
+@dataclass(frozen=True)
+class ClassDecoder:
+    """The BYTES answer [N, k] of ``"score:index[:label]"`` as each image's ``Classification`` list."""
+
+    single: bool
+
+    def decode(self, response: pb.ModelInferResponse) -> Any:
+        if not response.outputs or not response.raw_output_contents:
+            raise ValueError("the server's response holds no output tensor")
+        output = response.outputs[0]
+        if output.datatype != "BYTES" or len(output.shape) != 2:
+            raise ValueError(f"expected a BYTES [N, k] classification, got {output.datatype} {list(output.shape)}")
+        n, k = output.shape
+        elements = bytes_elements(response.raw_output_contents[0])
+        if len(elements) != n * k:
+            raise ValueError(f"the classification holds {len(elements)} elements, its shape [{n}, {k}] needs {n * k}")
+        rows = [[_classification(e) for e in elements[i * k : (i + 1) * k]] for i in range(n)]
+        return rows[0] if self.single else rows
+
+
+def bytes_elements(raw: bytes) -> list[bytes]:
+    """A BYTES tensor's elements: each a 4-byte little-endian length, then that many bytes."""
+    elements, offset = [], 0
+    while offset < len(raw):
+        if offset + 4 > len(raw):
+            raise ValueError("a BYTES tensor ends inside an element's length")
+        size = int.from_bytes(raw[offset : offset + 4], "little")
+        offset += 4
+        if offset + size > len(raw):
+            raise ValueError("a BYTES tensor ends inside an element")
+        elements.append(raw[offset : offset + size])
+        offset += size
+    return elements
+
+
+def _classification(element: bytes) -> Classification:
+    score, index, *label = element.decode("utf-8").split(":", 2)
+    return Classification(label[0] if label else None, int(index), float(score))
 
 
 def lrn_parameters(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .pb import grpc_predict_v2_pb2 as pb
 
@@ -28,6 +29,14 @@ class ModelMetadata:
             return tuple(TensorMetadata(t.name, t.datatype, tuple(t.shape)) for t in ts)  # type: ignore[attr-defined]
 
         return cls(m.name, tuple(m.versions), m.platform, tensors(m.inputs), tensors(m.outputs))
+
+
+class Classification(NamedTuple):
+    """One of an image's top classes, as ``classify`` returns them (best first)."""
+
+    label: str | None  # None when the model has no labels
+    index: int  # type: ignore[assignment]  # shadows tuple.index, as (label, index, score) reads
+    score: float
 
 
 @dataclass(frozen=True)

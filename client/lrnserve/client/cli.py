@@ -1,7 +1,7 @@
 """The ``lrnserve`` command. ``serve`` needs the server extra; the others only the client.
 
 lrnserve serve [--config FILE] ...
-lrnserve infer MODEL -i x.npy -o y.npy [-p key=value ...]
+lrnserve infer MODEL -i x.npy [-o y.npy | --top K] [-p key=value ...]
 lrnserve health [--model M]            # exit 0 when SERVING: a container HEALTHCHECK
 lrnserve bench MODEL --shape 1,96,55,55 --concurrency 1,8,32 --duration 10 [--json FILE]
 lrnserve inspect FILE [--prototxt P]   # needs the server extra, as convert does
@@ -26,6 +26,7 @@ from ._client import Client
 from ._config import TLS
 from ._errors import LrnserveError
 from ._tensors import encode
+from ._types import Classification
 from .allocator import DEFAULT_CACHE_BYTES, keep_freed_memory
 from .datatypes import DATATYPES
 from .loadgen import LoadResult, run_load
@@ -76,6 +77,16 @@ def int_list(text: str) -> list[int]:
     if not values or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
+
+
+def int_at_least_1(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
 
 
 def positive(text: str) -> float:
@@ -148,10 +159,38 @@ def cmd_infer(args: argparse.Namespace) -> int:
         print(f"lrnserve infer: cannot read {args.input}: {exc}", file=sys.stderr)
         return 2
     with Client(args.target, **connection(args)) as client:
+        if args.top is not None:
+            classes = client.classify(args.model, x, top=args.top)
+            print(classes_text([classes] if np.ndim(x) == 3 else classes))
+            return 0
         y = client.infer(args.model, x, **dict(args.parameter or []))
+    if args.output is None:
+        print(output_summary(y))
+        return 0
     np.save(args.output, np.asarray(y), allow_pickle=False)
     print(f"{args.output}: {np.asarray(y).dtype} {list(np.shape(y))}")
     return 0
+
+
+def classes_text(images: Sequence[Sequence[Classification]]) -> str:
+    """Each image's classes, best first: score, index and label (when the model has labels)."""
+    lines = []
+    for i, classes in enumerate(images):
+        lines.append(f"image {i}:")
+        lines += [f"  {c.score:.6f}  {c.index:>6}  {c.label or ''}".rstrip() for c in classes]
+    return "\n".join(lines)
+
+
+def output_summary(y: Any) -> str:
+    """What an answer holds, when no file is asked for: shape, dtype, and per sample its range
+    and where its largest value is."""
+    array = np.asarray(y, dtype=np.float64) if not isinstance(y, np.ndarray) else y
+    lines = [f"output: {array.dtype} {list(array.shape)}"]
+    samples = array.reshape(array.shape[0], -1) if array.ndim > 1 else array.reshape(1, -1)
+    for i, sample in enumerate(samples):
+        if sample.size:
+            lines.append(f"  sample {i}: min {sample.min():.6g}  max {sample.max():.6g}  argmax {int(sample.argmax())}")
+    return "\n".join(lines)
 
 
 def cmd_health(args: argparse.Namespace) -> int:
@@ -254,11 +293,18 @@ def build_parser() -> argparse.ArgumentParser:
         "infer",
         help="run one inference from a .npy file",
         description="Send the array in a .npy file (NCHW, or CHW for one sample; float32, float16 or "
-        "float64) to MODEL and save the answer as .npy.",
+        "float64) to MODEL; save the answer as .npy (-o), print each image's best classes (--top), or "
+        "else print a summary of the answer.",
     )
     infer.add_argument("model", metavar="MODEL", help="model name, e.g. lrn or alexnet")
     infer.add_argument("-i", "--input", required=True, metavar="X.npy", help="input array")
-    infer.add_argument("-o", "--output", required=True, metavar="Y.npy", help="where to write the output")
+    answer = infer.add_mutually_exclusive_group()
+    answer.add_argument(
+        "-o", "--output", metavar="Y.npy", help="where to write the output (default: print a short summary of it)"
+    )
+    answer.add_argument(
+        "--top", type=int_at_least_1, metavar="K", help="print each image's K best classes (a classifier model)"
+    )
     infer.add_argument(
         "-p",
         "--parameter",

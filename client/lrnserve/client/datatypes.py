@@ -43,6 +43,7 @@ DATATYPES: dict[str, DataType] = {
         DataType("FP64", 8, np.dtype("<f8"), "float64"),
         DataType("FP16", 2, np.dtype("<f2"), "float16"),
         DataType("BF16", 2, None, "bfloat16"),
+        DataType("UINT8", 1, np.dtype("u1"), "uint8"),  # images, for models that preprocess them
     )
 }
 

@@ -16,6 +16,8 @@ import grpc
 from lrnserve.client.version import __version__
 
 from .admission import Budget, Lease
+from .classification import BYTES, classify
+from .configuration import ModelConfiguration, describe
 from .errors import DeadlineExceeded, ResourceExhausted, ServingError, Unavailable
 from .inference import (
     InferenceRequest,
@@ -32,12 +34,16 @@ from .telemetry import Telemetry
 from .validate import Limits, Validated, bytes_text, validate
 
 SERVER_NAME = "lrnserve"
+# Triton's names for the extensions this server implements (ServerMetadata lists them).
+EXTENSIONS = ("parameters", "statistics", "model_configuration", "classification")
 
 
 # gRPC cancels a call's handler a few milliseconds before the deadline this server computes
 # from the call's time_remaining() (measured: 2-10 ms): a cancellation that close to the
 # deadline is the deadline's.
 DEADLINE_MARGIN_SECONDS = 0.05
+# Classification answers up to this many strings (about 10 ms to format) are made on the event loop.
+INLINE_CLASSES = 4096
 
 
 def outcome(exc: BaseException, deadline: float | None) -> grpc.StatusCode:
@@ -64,7 +70,7 @@ class DataPlane:
         repository: ModelRepository,
         telemetry: Telemetry,
         settings: ServerSettings,
-        extensions: tuple[str, ...] = ("parameters", "statistics"),
+        extensions: tuple[str, ...] = EXTENSIONS,
     ) -> None:
         self.repository = repository
         self.telemetry = telemetry
@@ -97,6 +103,9 @@ class DataPlane:
     def model_metadata(self, name: str, version: str) -> ModelMetadata:
         return self._servable(self.repository.get(name, version)).metadata()
 
+    def model_config(self, name: str, version: str) -> ModelConfiguration:
+        return describe(self.repository.get(name, version))
+
     def statistics(self, name: str, version: str) -> list[tuple[str, ModelStatistics]]:
         """One model's statistics, or every model's when ``name`` is empty."""
         names = [self.repository.get(name, version).name] if name else self.repository.names()
@@ -126,7 +135,7 @@ class DataPlane:
             raw = await model.batcher.submit(valid.work, valid.deadline)
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceeded(f"model '{model.name}': the answer was ready after the caller's deadline")
-            return self._answer(model, request, valid, raw)
+            return await self._answer(model, request, valid, raw)
         except BaseException as exc:
             code = outcome(exc, deadline)
             raise
@@ -168,9 +177,18 @@ class DataPlane:
         return model
 
     @staticmethod
-    def _answer(
+    async def _answer(
         model: ServedModel, request: InferenceRequest, valid: Validated, raw: bytes | memoryview
     ) -> InferenceResponse:
         assert model.servable is not None
-        output = OutputTensor(model.servable.output_name, valid.datatype.wire, valid.output_shape, raw)
+        name = model.servable.output_name
+        if valid.classification is not None:
+            k, labels = valid.classification, model.servable.labels
+            if valid.output_shape[0] * k <= INLINE_CLASSES:
+                shape, text = classify(raw, valid.datatype, valid.output_shape, k, labels)
+            else:  # formatting each string costs ~2 us: keep a large answer off the event loop
+                shape, text = await asyncio.to_thread(classify, raw, valid.datatype, valid.output_shape, k, labels)
+            output = OutputTensor(name, BYTES, shape, text)
+        else:
+            output = OutputTensor(name, valid.datatype.wire, valid.output_shape, raw)
         return InferenceResponse(model=model.name, version="1", id=request.id, outputs=(output,))

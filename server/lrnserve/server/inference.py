@@ -40,6 +40,8 @@ class InferenceRequest:
     inputs: tuple[InputTensor, ...]
     parameters: Mapping[str, ParameterValue | None] = field(default_factory=dict)  # None: sent without a value
     requested_outputs: tuple[str, ...] = ()
+    # Each requested output's parameters, in the same order (e.g. "classification"); None: no value.
+    output_parameters: tuple[Mapping[str, ParameterValue | None], ...] = ()
     # Seconds left before the caller's gRPC deadline, when it set one.
     time_remaining: float | None = None
     # How many raw_input_contents entries the message carried (must match the inputs).

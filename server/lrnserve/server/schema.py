@@ -120,6 +120,20 @@ class File(Check):
         return path
 
 
+class FileOrNumbers(File):
+    """An existing file (as ``File``), or a non-empty list of numbers (a Caffe mean: file or values)."""
+
+    text = "path of an existing file, or a list of numbers"
+
+    def __call__(self, key: str, value: object, base: Path | None = None) -> Path | tuple[float, ...]:  # type: ignore[override]
+        if not isinstance(value, list):
+            return super().__call__(key, value, base)
+        if not value:
+            raise ConfigError(f"{key}: expected a file or a non-empty list of numbers, got []")
+        number = Number(-math.inf)
+        return tuple(number(f"{key}[{i}]", v) for i, v in enumerate(value))
+
+
 @dataclass(frozen=True)
 class Setting:
     """One declared setting: where it may be given and how it is checked and documented."""

@@ -13,26 +13,30 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import cast
 
 import numpy as np
 import torch
 
-from lrnserve.client.datatypes import from_torch_name
+from lrnserve.client.datatypes import DATATYPES, DataType, from_torch_name
 
 from .errors import InvalidArgument
 from .importers import built_in_network, read_caffe, read_onnx
 from .inference import ModelMetadata, ParameterValue, TensorMetadata
 from .models import LRNNetwork
+from .models.ir import ModelLoadError
 from .models.runtime import GraphNetwork
 from .ops import Mode, local_response_norm, local_response_norm_checked, native, prepare
 from .ops.params import BOUNDS, check_mode, check_size
+from .preprocess import Preprocessor
 from .settings import ModelConfig
 from .work import Abandonment, BatchAbandoned
 
 logger = logging.getLogger(__name__)
 
 PLATFORM = "pytorch"
+FLOAT_DATATYPES = tuple(name for name, d in DATATYPES.items() if getattr(torch, d.torch).is_floating_point)
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,12 @@ class Servable(ABC):
     output_name = "output"
     parameter_names: tuple[str, ...] = ()
     threads = 1  # CPU threads one instance computes with (set by its executor)
+    labels: tuple[str, ...] | None = None  # one per class, from the model's labels file
+
+    @property
+    def classes(self) -> int | None:
+        """The class count when the output is [N, classes] (classification needs it), else None."""
+        return None
 
     def __init__(self, config: ModelConfig) -> None:
         self.config = config
@@ -60,6 +70,16 @@ class Servable(ABC):
     @abstractmethod
     def check_sample_shape(self, shape: tuple[int, ...]) -> str | None:
         """Why a per-sample shape (C, H, W) is unacceptable, or None."""
+
+    layout = "NCHW"  # the input's dimensions as the client sends them
+
+    def input_datatypes(self) -> tuple[str, ...]:
+        """The wire datatypes a request's input may have."""
+        return FLOAT_DATATYPES
+
+    def output_datatype(self, input_datatype: DataType) -> DataType:
+        """The answer's datatype for an input of ``input_datatype``: the same, unless overridden."""
+        return input_datatype
 
     @abstractmethod
     def resolve(self, parameters: Mapping[str, ParameterValue]) -> Resolved:
@@ -243,6 +263,23 @@ def build_network(config: ModelConfig) -> LRNNetwork | GraphNetwork:
     return built_in_network(config.kind, config.weights, seed=config.seed)
 
 
+def read_labels(path: Path, output: str, sample_shape: tuple[int, ...]) -> tuple[str, ...]:
+    """A labels file, one label a line, checked against the output it names: a one-line
+    ``ModelLoadError`` naming the file when it cannot be read or does not fit."""
+    try:
+        labels = tuple(path.read_text(encoding="utf-8").splitlines())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{path}: cannot read the labels file ({exc})") from None
+    if len(sample_shape) != 1:
+        dims = ", ".join(str(d) for d in sample_shape)
+        raise ModelLoadError(f"{path}: labels need an output of shape [N, classes]; output '{output}' is [N, {dims}]")
+    if len(labels) != sample_shape[0]:
+        raise ModelLoadError(
+            f"{path}: {len(labels)} labels, but output '{output}' has {sample_shape[0]} classes; give one label a line"
+        )
+    return labels
+
+
 class NetworkServable(Servable):
     """A CNN, built in or from a model file: one input tensor in, one out, computed in the
     configured dtype. An imported model keeps its file's tensor names and shapes."""
@@ -262,14 +299,29 @@ class NetworkServable(Servable):
         else:
             self.output_sample_shape = (self.network.num_classes,)
             self.platform = PLATFORM
+        if config.labels is not None:
+            self.labels = read_labels(config.labels, self.output_name, self.output_sample_shape)
+        # What the client sends, when the server preprocesses (the mean file is read here, at load).
+        self.preprocess = Preprocessor(config.preprocess, self.name, self.sample_shape) if config.preprocess else None
+        self.client_sample_shape = self.preprocess.client_sample_shape if self.preprocess else self.sample_shape
+        self.layout = self.preprocess.layout if self.preprocess else "NCHW"
+
+    @property
+    def classes(self) -> int | None:
+        return self.output_sample_shape[0] if len(self.output_sample_shape) == 1 else None
 
     def load(self, device: torch.device) -> str:
         self.device = device
         implementation = prepare(device)
         self.network = self.network.to(device=device, dtype=self.dtype).eval()
+        described = ""
+        if self.preprocess is not None:
+            self.preprocess.to(device, self.dtype)
+            self.preprocess(torch.zeros(1, *self.client_sample_shape, device=device, dtype=torch.uint8))
+            described = f"; preprocess: {self.preprocess.description}"
         with torch.inference_mode():
             self.network(torch.zeros(1, *self.sample_shape, device=device, dtype=self.dtype))
-        return f"weights: {self.network.weights_source}; LRN: {implementation}"
+        return f"weights: {self.network.weights_source}; LRN: {implementation}{described}"
 
     def default_cpu_instances(self, cores: int) -> int:
         """Up to four instances sharing the cores: a descheduled thread then stalls only its own
@@ -278,10 +330,22 @@ class NetworkServable(Servable):
         return max(1, min(cores, 4))
 
     def check_sample_shape(self, shape: tuple[int, ...]) -> str | None:
-        if shape != self.sample_shape:
-            expected = ", ".join(str(d) for d in self.sample_shape)
-            return f"expected [N, {expected}] for model '{self.name}'"
+        if shape != self.client_sample_shape:
+            expected = ", ".join(str(d) for d in self.client_sample_shape)
+            layout = f" ({self.layout})" if self.preprocess else ""
+            return f"expected [N, {expected}]{layout} for model '{self.name}'"
         return None
+
+    def input_datatypes(self) -> tuple[str, ...]:
+        if self.preprocess is not None and self.preprocess.uint8:
+            return ("UINT8", *FLOAT_DATATYPES)
+        return FLOAT_DATATYPES
+
+    def output_datatype(self, input_datatype: DataType) -> DataType:
+        """A float input's own datatype (as ever); the model's for a UINT8 image."""
+        if input_datatype.wire in FLOAT_DATATYPES:
+            return input_datatype
+        return from_torch_name(self.config.dtype) or DATATYPES["FP32"]
 
     def resolve(self, parameters: Mapping[str, ParameterValue]) -> Resolved:
         self._unknown_parameters(parameters)
@@ -300,19 +364,23 @@ class NetworkServable(Servable):
         """The network stage by stage (feature layers, then the classifier), stopping between
         stages once every request of the batch has gone."""
         stop = (lambda: abandonment.abandoned) if abandonment is not None else None
+        answer_dtype = x.dtype if x.dtype.is_floating_point else self.dtype  # see output_datatype
+        if self.preprocess is not None:
+            x = self.preprocess(x)
         out = self.network.forward_until(x.to(self.dtype), stop)
         if out is None:
             raise BatchAbandoned
-        return out.to(x.dtype)
+        return out.to(answer_dtype)
 
     def metadata(self) -> ModelMetadata:
         wire = from_torch_name(self.config.dtype)
         datatype = wire.wire if wire else "FP32"
+        sent = "UINT8" if self.preprocess is not None and self.preprocess.uint8 else datatype  # what to send
         return ModelMetadata(
             name=self.name,
             versions=("1",),
             platform=self.platform,
-            inputs=(TensorMetadata(self.input_name, datatype, (-1, *self.sample_shape)),),
+            inputs=(TensorMetadata(self.input_name, sent, (-1, *self.client_sample_shape)),),
             outputs=(TensorMetadata(self.output_name, datatype, (-1, *self.output_sample_shape)),),
         )
 

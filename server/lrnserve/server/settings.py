@@ -33,6 +33,7 @@ from .schema import (
     ConfigError,
     Device,
     File,
+    FileOrNumbers,
     Integer,
     Number,
     Setting,
@@ -143,6 +144,32 @@ class BatchingPolicy:
 
 
 @dataclass(frozen=True)
+class Preprocess:
+    """``[models.NAME.preprocess]``: Caffe's ``Transformer.preprocess``, done by the server in each
+    batch on the model's device (``preprocess.Preprocessor``), in Caffe's order: cast to float,
+    HWC -> CHW (``layout``), RGB -> BGR (``channel_order``), x ``raw_scale``, - ``mean``, x ``scale``.
+    The client then sends what ``input_datatype`` and ``layout`` say (ModelMetadata reports it)."""
+
+    input_datatype: str = model_setting(
+        "fp32", Choice("fp32", "uint8"), "uint8: accept UINT8 images too (float inputs are always accepted)"
+    )
+    layout: str = model_setting("nchw", Choice("nchw", "nhwc"), "the layout the client sends; nhwc: [N, H, W, C]")
+    channel_order: str = model_setting(
+        "bgr", Choice("bgr", "rgb"), "the channel order the client sends; rgb: swapped to the model's BGR"
+    )
+    raw_scale: float = model_setting(1.0, Number(0.0), "multiplies the input before the mean (255 for 0-1 images)")
+    mean: Path | tuple[float, ...] | None = model_setting(
+        None,
+        FileOrNumbers(),
+        "subtracted: a .binaryproto mean image, or one value per channel, in the model's channel order",
+    )
+    scale: float = model_setting(1.0, Number(0.0), "multiplies the input after the mean (Caffe's input scale)")
+    crop: str = model_setting(
+        "center", Choice("center", "none"), "center: a larger mean image is centre-cropped to the input, as Caffe's"
+    )
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str
     kind: str = model_setting(MISSING, Choice(*KINDS), "what the model is (default: the table's name)")
@@ -170,8 +197,16 @@ class ModelConfig:
         None, File(), "the Caffe net definition (deploy.prototxt); required", only="caffe"
     )
     path: Path | None = model_setting(None, File(), "the .onnx model file; required", only="onnx")
+    labels: Path | None = model_setting(
+        None,
+        File(),
+        "class labels, one a line (as many as the output's classes): the classification extension's "
+        "`score:index:label` and ModelConfig's label_filename",
+        only="network",
+    )
     batching: BatchingPolicy = field(default_factory=BatchingPolicy)
     lrn: LRNParams = field(default_factory=LRNParams)
+    preprocess: Preprocess | None = None  # [models.NAME.preprocess]; None: the client's
 
 
 @dataclass(frozen=True)
@@ -226,6 +261,7 @@ class ServerSettings:
 
 SERVER_SETTINGS = settings_of(ServerSettings)
 MODEL_SETTINGS = {**settings_of(ModelConfig), **settings_of(BatchingPolicy), **LRN_SETTINGS}
+PREPROCESS_SETTINGS = settings_of(Preprocess)
 _REQUIRED_FILE = {"caffe": "prototxt", "onnx": "path"}
 
 
@@ -255,7 +291,9 @@ def _checked(declared: Setting, key: str, value: object, base: Path | None) -> A
 
 def _model(name: str, table: Mapping[str, Any], base_dir: Path) -> ModelConfig:
     prefix = f"models.{name}."
-    _reject_unknown(prefix, table, MODEL_SETTINGS)
+    _reject_unknown(prefix, table, (*MODEL_SETTINGS, "preprocess"))
+    table = dict(table)
+    preprocess = table.pop("preprocess", None)
     kind = MODEL_SETTINGS["kind"].check(prefix + "kind", table.get("kind", name))
     for key in table:
         only = MODEL_SETTINGS[key].only
@@ -269,7 +307,18 @@ def _model(name: str, table: Mapping[str, Any], base_dir: Path) -> ModelConfig:
     batching = BatchingPolicy(**{k: v for k, v in values.items() if k in settings_of(BatchingPolicy)})
     lrn = LRNParams(**{k: v for k, v in values.items() if k in LRN_SETTINGS})
     own = {k: v for k, v in values.items() if k in settings_of(ModelConfig)}
+    if preprocess is not None:
+        own["preprocess"] = _preprocess(prefix + "preprocess", preprocess, kind, base_dir)
     return ModelConfig(name=name, batching=batching, lrn=lrn, **own)
+
+
+def _preprocess(key: str, value: object, kind: str, base_dir: Path) -> Preprocess:
+    """A model's ``preprocess`` table (networks only), each key checked under ``models.NAME.preprocess.KEY``."""
+    if kind not in MODEL_GROUPS["network"]:
+        raise ConfigError(f"{key}: not a setting of a {kind!r} model")
+    table = _table(key, value)
+    _reject_unknown(key + ".", table, PREPROCESS_SETTINGS)
+    return Preprocess(**{k: _checked(PREPROCESS_SETTINGS[k], f"{key}.{k}", v, base_dir) for k, v in table.items()})
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -382,7 +431,9 @@ def reference() -> str:
         "",
         "## `[models.NAME]`",
         "",
-        "The table's name is the served model's name. These keys exist only in the file.",
+        "The table's name is the served model's name. These keys exist only in the file;",
+        "`preprocess.KEY` is `KEY` of the model's `[models.NAME.preprocess]` table (see the README's",
+        "Preprocessing: cast, HWC -> CHW, RGB -> BGR, x raw_scale, - mean, x scale, in Caffe's order).",
         "",
         "| key | models | default | accepts | what it does |",
         "|---|---|---|---|---|",
@@ -390,6 +441,9 @@ def reference() -> str:
     for s in MODEL_SETTINGS.values():
         models = _GROUP_NAMES.get(s.only or "", "all")
         lines.append(f"| `{s.name}` | {models} | {_cell(s.default)} | {_escape(s.check.text)} | {s.doc} |")
+    for s in PREPROCESS_SETTINGS.values():  # the [models.NAME.preprocess] table
+        models = _GROUP_NAMES["network"]
+        lines.append(f"| `preprocess.{s.name}` | {models} | {_cell(s.default)} | {_escape(s.check.text)} | {s.doc} |")
     return "\n".join(lines) + "\n"
 
 

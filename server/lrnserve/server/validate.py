@@ -26,6 +26,7 @@ from .work import Work
 
 IMPOSSIBLE_ELEMENTS = 2**63
 RESERVED_PARAMETERS = ("timeout", "priority")  # the protocol's own; never the model's
+CLASSIFICATION = "classification"  # a requested output's parameter: answer its top k classes
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,9 @@ class Validated:
     deadline: float | None  # time.monotonic() by which compute must start
     nbytes: int  # the input tensor's size, for admission
     parameters: Resolved
-    datatype: DataType
+    datatype: DataType  # the answer's (``Servable.output_datatype`` of the input's)
     output_shape: tuple[int, ...]
+    classification: int | None = None  # top-k asked of the output (the classification extension)
 
     @property
     def output_bytes(self) -> int:
@@ -73,7 +75,7 @@ def validate(request: InferenceRequest, servable: Servable, limits: Limits, arri
             f"inputs[0].shape: {tensor.shape[0]} samples, over model '{servable.name}''s limit of "
             f"{limits.max_request_samples} per request; split the request"
         )
-    _check_outputs(request, servable)
+    classification = _check_outputs(request, servable)
     deadline = _deadline(parameters, request.time_remaining, arrival)
     _check_priority(parameters)
     model_parameters = {k: v for k, v in parameters.items() if k not in RESERVED_PARAMETERS}
@@ -88,7 +90,8 @@ def validate(request: InferenceRequest, servable: Servable, limits: Limits, arri
         model_group=resolved.group,
         scalars=resolved.scalars,
     )
-    return Validated(work, deadline, nbytes, resolved, datatype, servable.output_shape(tensor.shape))
+    answer = servable.output_datatype(datatype)  # a UINT8 image's answer is the model's float type
+    return Validated(work, deadline, nbytes, resolved, answer, servable.output_shape(tensor.shape), classification)
 
 
 def _valued_parameters(parameters: Mapping[str, ParameterValue | None]) -> dict[str, ParameterValue]:
@@ -124,9 +127,15 @@ def _check_input(request: InferenceRequest, servable: Servable, limits: Limits) 
     datatype = from_wire(tensor.datatype)
     if datatype is None:
         raise InvalidArgument(f"inputs[0].datatype: unsupported '{tensor.datatype}'; expected one of {wire_names()}")
+    accepted = servable.input_datatypes()
+    if datatype.wire not in accepted:
+        raise InvalidArgument(
+            f"inputs[0].datatype: model '{servable.name}' takes {', '.join(accepted)}, got {datatype.wire}"
+        )
     shape = tensor.shape
     if len(shape) != 4:
-        raise InvalidArgument(f"inputs[0].shape: expected 4 dimensions [N, C, H, W], got {shape_text(shape)}")
+        dims = ", ".join(servable.layout)  # [N, C, H, W], or [N, H, W, C] for an NHWC model
+        raise InvalidArgument(f"inputs[0].shape: expected 4 dimensions [{dims}], got {shape_text(shape)}")
     if any(d < 1 for d in shape):
         raise InvalidArgument(f"inputs[0].shape: every dimension must be >= 1, got {shape_text(shape)}")
     elements = math.prod(shape)
@@ -186,13 +195,41 @@ def _payload(tensor: InputTensor, datatype: DataType) -> np.ndarray:
     return np.ascontiguousarray(tensor.contents, dtype=datatype.numpy_storage).view(np.uint8).reshape(-1)
 
 
-def _check_outputs(request: InferenceRequest, servable: Servable) -> None:
+def _check_outputs(request: InferenceRequest, servable: Servable) -> int | None:
+    """Each requested output is the model's; returns the class count asked by one, if any."""
+    classification = None
     for i, name in enumerate(request.requested_outputs):
         if name != servable.output_name:
             raise InvalidArgument(
                 f"outputs[{i}].name: unknown output '{name}'; model '{servable.name}' has output "
                 f"'{servable.output_name}'"
             )
+        parameters = request.output_parameters[i] if i < len(request.output_parameters) else {}
+        for key, value in parameters.items():
+            if key != CLASSIFICATION:
+                raise InvalidArgument(f"outputs[{i}].parameters.{key}: unknown parameter; accepted: {CLASSIFICATION}")
+            classification = _class_count(value, servable, f"outputs[{i}].parameters.{key}")
+    return classification
+
+
+def _class_count(value: ParameterValue | None, servable: Servable, key: str) -> int:
+    """The classification extension's k: an int64 from 1 to the output's classes."""
+    if value is None:
+        raise InvalidArgument(f"{key}: parameter has no value")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgument(f"{key}: expected the class count as an int64, got {value!r}")
+    classes = servable.classes
+    if classes is None:
+        raise InvalidArgument(
+            f"{key}: output '{servable.output_name}' of model '{servable.name}' is not [N, classes]; "
+            "it cannot be classified"
+        )
+    if not 1 <= value <= classes:
+        raise InvalidArgument(
+            f"{key}: expected a class count from 1 to {classes} (the classes of output "
+            f"'{servable.output_name}'), got {value}"
+        )
+    return value
 
 
 def _deadline(parameters: Mapping[str, ParameterValue], time_remaining: float | None, arrival: float) -> float | None:

@@ -14,6 +14,7 @@ import numpy as np
 from lrnserve.client.pb import grpc_predict_v2_pb2 as pb
 from lrnserve.client.protocol import CONTENTS_FIELDS  # typed contents fields -> numpy type of their values
 
+from ..configuration import ModelConfiguration, TensorConfig
 from ..inference import (
     InferenceRequest,
     InferenceResponse,
@@ -75,6 +76,7 @@ def request_from_wire(wire: InferRequestWire, time_remaining: float | None) -> I
         inputs=tuple(inputs),
         parameters=parameters_from_proto(message.parameters),
         requested_outputs=tuple(output.name for output in message.outputs),
+        output_parameters=tuple(parameters_from_proto(output.parameters) for output in message.outputs),
         time_remaining=time_remaining,
         raw_count=len(raw),
         started=None if call is None else call.started,
@@ -98,6 +100,48 @@ def model_metadata_to_proto(metadata: ModelMetadata) -> pb.ModelMetadataResponse
         inputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in metadata.inputs],
         outputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in metadata.outputs],
     )
+
+
+def _data_type(wire: str) -> pb.DataType.ValueType:
+    """Triton's enum for a wire datatype name (BYTES is its TYPE_STRING)."""
+    return pb.DataType.Value("TYPE_STRING" if wire == "BYTES" else f"TYPE_{wire}")
+
+
+def _input_to_proto(tensor: TensorConfig) -> pb.ModelInput:
+    layout = pb.ModelInput.Format.Value(f"FORMAT_{tensor.format}") if tensor.format else pb.ModelInput.FORMAT_NONE
+    return pb.ModelInput(name=tensor.name, data_type=_data_type(tensor.datatype), format=layout, dims=tensor.dims)
+
+
+def _output_to_proto(tensor: TensorConfig) -> pb.ModelOutput:
+    return pb.ModelOutput(
+        name=tensor.name, data_type=_data_type(tensor.datatype), dims=tensor.dims, label_filename=tensor.label_filename
+    )
+
+
+def model_config_to_proto(config: ModelConfiguration) -> pb.ModelConfigResponse:
+    message = pb.ModelConfig(
+        name=config.name,
+        platform=config.platform,
+        backend=config.backend,
+        max_batch_size=config.max_batch_size,
+        input=[_input_to_proto(t) for t in config.inputs],
+        output=[_output_to_proto(t) for t in config.outputs],
+        dynamic_batching=pb.ModelDynamicBatching(
+            preferred_batch_size=config.preferred_batch_sizes,
+            max_queue_delay_microseconds=config.max_queue_delay_us,
+        ),
+        instance_group=[
+            pb.ModelInstanceGroup(
+                name=f"{config.name}_0",  # Triton's name for a model's first (unnamed) group
+                count=config.instance_count,
+                kind=pb.ModelInstanceGroup.Kind.Value(f"KIND_{config.instance_kind}"),
+                gpus=config.gpus,
+            )
+        ],
+        version_policy=pb.ModelVersionPolicy(latest=pb.ModelVersionPolicy.Latest(num_versions=config.latest_versions)),
+        parameters={key: pb.ModelParameter(string_value=value) for key, value in config.parameters.items()},
+    )
+    return pb.ModelConfigResponse(config=message)
 
 
 def server_metadata_to_proto(metadata: ServerMetadata) -> pb.ServerMetadataResponse:

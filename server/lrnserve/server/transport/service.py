@@ -52,6 +52,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> pb.ModelMetadataResponse:
         return codec.model_metadata_to_proto(self.dataplane.model_metadata(request.name, request.version))
 
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
+        return codec.model_config_to_proto(self.dataplane.model_config(request.name, request.version))
+
     async def ModelInfer(self, request: InferRequestWire, context: Context) -> bytes:  # type: ignore[override]
         """Registered by ``wire.add_inference_service``: a partly parsed request in, the
         serialized response out."""

@@ -32,8 +32,7 @@ from lrnserve.server.importers.pb import caffe_pb2
 from lrnserve.server.models import NETWORKS, create_network, ir
 from lrnserve.server.models.runtime import GraphNetwork
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "models" / "caffe"
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"the BVLC deploy prototxts are not at {SHARED}")
+SHARED = Path(__file__).resolve().parent / "data" / "caffe"
 TOLERANCE = 1e-4
 
 
@@ -496,7 +495,6 @@ BVLC = {
 }
 
 
-@needs_shared
 @pytest.mark.parametrize("name", list(BVLC))
 def test_bvlc_deploy_prototxts_import(name: str) -> None:
     shape, (output, out_shape), lrn_count, _, _ = BVLC[name]
@@ -532,7 +530,6 @@ def bvlc_case(
     return cache[name]
 
 
-@needs_shared
 @pytest.mark.parametrize("name", [n for n in BVLC if BVLC[n][3]])
 def test_bvlc_nets_match_caffe_and_the_built_in_networks(
     name: str,

@@ -25,7 +25,7 @@ from lrnserve.server.importers.export_onnx import ExportError, export
 from lrnserve.server.models import ir
 from lrnserve.server.models.runtime import GraphNetwork
 
-CAFFE_MODELS = Path(__file__).resolve().parents[2] / "shared" / "models" / "caffe"
+CAFFE_MODELS = Path(__file__).resolve().parent / "data" / "caffe"
 BVLC = [
     "bvlc_alexnet",
     "bvlc_reference_caffenet",
@@ -34,8 +34,6 @@ BVLC = [
     "cifar10_full",
 ]
 TOLERANCE = 1e-4
-HAVE_CAFFE = importlib.util.find_spec("lrnserve.server.importers.caffe") is not None
-needs_caffe = pytest.mark.skipif(not HAVE_CAFFE, reason="the Caffe importer (importers/caffe.py) is not there yet")
 
 
 # ---- references written from the definitions -----------------------------------------------
@@ -394,14 +392,11 @@ def logits(graph: ir.Graph) -> ir.Graph:
                     graph.nodes[:-1], graph.constants)  # fmt: skip
 
 
-@needs_caffe
 @pytest.mark.parametrize("name", BVLC)
 def test_bvlc_deploy_nets_convert_faithfully(name: str, tmp_path: Path) -> None:
     from lrnserve.server.importers import read_caffe, read_onnx
 
     prototxt = CAFFE_MODELS / f"{name}.deploy.prototxt"
-    if not prototxt.exists():
-        pytest.skip(f"{prototxt} is not there")
     graph = read_caffe(prototxt, seed=7)
     if name == "bvlc_alexnet":
         assert graph.parameter_count() == 60_965_224  # BVLC AlexNet's published count
@@ -437,7 +432,6 @@ layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }
 """
 
 
-@needs_caffe
 def test_caffe_layers_convert_faithfully(tmp_path: Path) -> None:
     """BatchNorm + Scale (legacy axis), in-place layers, Eltwise coefficients, AVE pooling with
     Caffe's clip rule and divisor, WITHIN_CHANNEL LRN whose k Caffe ignores."""
@@ -502,7 +496,6 @@ def one_line_error(result: subprocess.CompletedProcess[str], command: str) -> st
     return lines[0]
 
 
-@needs_caffe
 def test_inspect_shows_lrn_parameters_and_rounding() -> None:
     result = lrnserve("inspect", CAFFE_MODELS / "cifar10_full.deploy.prototxt")
     assert result.returncode == 0, result.stderr
@@ -514,7 +507,6 @@ def test_inspect_shows_lrn_parameters_and_rounding() -> None:
     assert "parameters: 89,578" in out and out.rstrip().endswith("lrnserve can run this model")
 
 
-@needs_caffe
 def test_inspect_lists_what_lrnserve_cannot_run(tmp_path: Path) -> None:
     prototxt = tmp_path / "odd.prototxt"
     prototxt.write_text(MINI_NET.replace('type: "ReLU"', 'type: "PReLU"').replace("pool: MAX", "pool: STOCHASTIC"))
@@ -529,7 +521,6 @@ def test_inspect_lists_what_lrnserve_cannot_run(tmp_path: Path) -> None:
         export(read_caffe(prototxt))
 
 
-@needs_caffe
 def test_convert_writes_a_checked_onnx_file(tmp_path: Path) -> None:
     weights = tmp_path / "cifar10_full.caffemodel"
     arrays = write_caffemodel(weights, CIFAR_BLOBS, seed=5)
@@ -546,7 +537,6 @@ def test_convert_writes_a_checked_onnx_file(tmp_path: Path) -> None:
     assert "model" in inspected.stdout and inspected.stdout.rstrip().endswith("lrnserve can run this model")
 
 
-@needs_caffe
 def test_legacy_v1_caffemodel_converts(tmp_path: Path) -> None:
     from lrnserve.server.importers import read_caffe
 
@@ -559,7 +549,6 @@ def test_legacy_v1_caffemodel_converts(tmp_path: Path) -> None:
     compare(logits(graph), scale=50.0)
 
 
-@needs_caffe
 def test_command_errors_are_one_line(tmp_path: Path) -> None:
     missing = one_line_error(lrnserve("inspect", tmp_path / "absent.prototxt"), "inspect")
     assert "absent.prototxt" in missing
@@ -572,7 +561,6 @@ def test_command_errors_are_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "x.onnx").exists()
 
 
-@needs_caffe
 def test_convert_without_onnxruntime_says_it_did_not_verify(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -593,7 +581,6 @@ def test_convert_without_onnxruntime_says_it_did_not_verify(
     assert out.stat().st_size > 0
 
 
-@needs_caffe
 def test_convert_fails_when_the_check_does(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -644,10 +631,11 @@ def test_missing_server_extra_is_a_message(monkeypatch: pytest.MonkeyPatch, caps
 def test_onnx_zoo_graph_re_exports_faithfully(tmp_path: Path) -> None:
     """An ONNX-origin graph (inception_v1 from the onnx package, seeded weights): ONNX's own
     ceil pooling, LRN, Concat and the batch-1 Reshape target, at batch 1 and 3."""
-    onnx_files = pytest.importorskip("onnx_files")
+    import onnx_files
+
     from lrnserve.server.importers import read_onnx
 
     path = tmp_path / "inception_v1.onnx"
     made = onnx_files.light_with_weights("inception_v1")  # the ONNX importer's tests' helper
-    path.write_bytes(made[0] if isinstance(made, tuple) else made)
+    path.write_bytes(made[0])
     compare(read_onnx(path))

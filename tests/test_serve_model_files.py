@@ -21,7 +21,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import caffe_files
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from harness import ServerThread, join_all, wait_until
@@ -32,11 +35,7 @@ from lrnserve.server.servables import NetworkServable, Servable, create_servable
 from lrnserve.server.settings import ModelConfig, load_settings
 from lrnserve.server.work import Abandonment
 
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
-caffe_files = pytest.importorskip("caffe_files")
-
-PROTOTXTS = Path(__file__).resolve().parents[2] / "shared" / "models" / "caffe"
+PROTOTXTS = Path(__file__).resolve().parent / "data" / "caffe"
 CIFAR = PROTOTXTS / "cifar10_full.deploy.prototxt"
 
 TRITON_SCRIPT = textwrap.dedent(
@@ -131,8 +130,6 @@ class Factory:
 
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if not CIFAR.is_file():
-        pytest.skip(f"the BVLC prototxts are not at {PROTOTXTS}")
     folder = tmp_path_factory.mktemp("repo")
     (folder / "models" / "cifar").mkdir(parents=True)
     shutil.copy(CIFAR, folder / "models" / "cifar" / "deploy.prototxt")

@@ -1,17 +1,20 @@
-"""LRN operators: the fused op, its module, and parameter conventions."""
+"""LRN operators: the fused op (registered as ``torch.ops.lrnserve.local_response_norm``), its
+module, its ONNX export, and parameter conventions."""
 
 from .lrn import (
-    SUPPORTED_DTYPES,
     LocalResponseNorm,
     PerSample,
     local_response_norm,
     local_response_norm_checked,
     prepare,
 )
+from .onnx_translation import export as onnx_export
 from .params import MODES, LRNParams, Mode
+from .torch_op import OP_NAME, SUPPORTED_DTYPES
 
 __all__ = [
     "MODES",
+    "OP_NAME",
     "SUPPORTED_DTYPES",
     "LRNParams",
     "LocalResponseNorm",
@@ -19,5 +22,6 @@ __all__ = [
     "PerSample",
     "local_response_norm",
     "local_response_norm_checked",
+    "onnx_export",
     "prepare",
 ]

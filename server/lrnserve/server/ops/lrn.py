@@ -4,6 +4,9 @@
 kernel for CPU tensors (``native``) or the composed torch version otherwise
 (``composed``). ``alpha``, ``beta`` and ``k`` may be scalars or one value per
 sample, which is what lets the server batch requests that differ in them.
+Scalar parameters (every network layer) go through the registered torch
+operator ``torch.ops.lrnserve.local_response_norm`` (``torch_op``), so that
+torch.jit.trace, torch.compile, torch.export and torch.onnx.export see it.
 """
 
 from __future__ import annotations
@@ -16,20 +19,9 @@ from torch import nn
 from . import native
 from .composed import local_response_norm_composed
 from .params import ALPHA, BETA, Bound, K, LRNParams, Mode, check_mode, check_size
+from .torch_op import check_input, lrn_overload
 
 PerSample = float | Sequence[float] | torch.Tensor
-SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
-def _check_input(x: object) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"x must be 4-D (N, C, H, W), got {x.dim()}-D with shape {tuple(x.shape)}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        names = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
-        raise ValueError(f"x must have dtype {names}; got {str(x.dtype).removeprefix('torch.')}")
-    return x
 
 
 def per_sample(bound: Bound, value: PerSample, batch: int) -> torch.Tensor:
@@ -49,6 +41,10 @@ def per_sample(bound: Bound, value: PerSample, batch: int) -> torch.Tensor:
     return values.contiguous()
 
 
+def _scalar(value: object) -> bool:
+    return isinstance(value, (int, float))  # bools included: the bound check rejects them by name
+
+
 def local_response_norm(
     x: torch.Tensor,
     size: int,
@@ -63,11 +59,14 @@ def local_response_norm(
     within: the same over a ``size x size`` window in each channel with
     ``alpha/size**2``. Zero padding, the full window as divisor, and for even
     sizes PyTorch's window ``[c - size//2, c + (size-1)//2]``. Returns a new
-    contiguous tensor of x's dtype on x's device.
+    contiguous tensor of x's dtype on x's device. With scalar alpha, beta
+    and k this is the torch operator ``torch.ops.lrnserve.local_response_norm``.
     """
-    x = _check_input(x)
+    x = check_input(x)
     size = check_size(size)
     mode = check_mode(mode)
+    if _scalar(alpha) and _scalar(beta) and _scalar(k):
+        return lrn_overload(x, size, ALPHA.check(alpha), BETA.check(beta), K.check(k), mode)  # type: ignore[no-any-return]
     batch = x.shape[0]
     alpha_t, beta_t, k_t = (per_sample(ALPHA, alpha, batch), per_sample(BETA, beta, batch), per_sample(K, k, batch))
     return local_response_norm_checked(x, size, alpha_t, beta_t, k_t, mode)
@@ -139,8 +138,8 @@ class LocalResponseNorm(nn.Module):
         return self.params.mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.params
-        return local_response_norm(x, p.size, p.alpha, p.beta, p.k, p.mode)
+        p = self.params  # validated when the module was made; the op checks them again
+        return lrn_overload(check_input(x), p.size, p.alpha, p.beta, p.k, p.mode)  # type: ignore[no-any-return]
 
     def extra_repr(self) -> str:
         p = self.params

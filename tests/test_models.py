@@ -214,3 +214,63 @@ def test_stock_lrn_can_be_swapped_in() -> None:
     x = torch.randn(2, 3, 227, 227, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         torch.testing.assert_close(ours(x), stock(x), rtol=1e-4, atol=1e-7)
+
+
+def _spread_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| relative to the spread of ``want``'s probabilities (seeded random
+    weights give nearly uniform ones, so plain relative error would say little)."""
+    return float((got - want).abs().max() / (want - want.mean(dim=1, keepdim=True)).abs().max())
+
+
+@pytest.mark.parametrize("name", sorted(NETWORKS))
+def test_the_served_cpu_engine_keeps_outputs_and_lrn_kernels(name: str) -> None:
+    """NetworkServable.load prepacks Conv/Linear for oneDNN (ReLU fused): the same outputs as
+    the plain network within float32 rounding, at several batch sizes, every LRN still ours."""
+    from lrnserve.server.models.base import onednn_packing_available
+    from lrnserve.server.servables import NetworkServable
+    from lrnserve.server.settings import ModelConfig
+
+    servable = NetworkServable(ModelConfig(name=name, kind=name))
+    description = servable.load(torch.device("cpu"))
+    reference = create_network(name)
+    if onednn_packing_available():
+        assert "prepacked for oneDNN" in description
+    assert isinstance(servable.network, LRNNetwork)
+    assert [type(m) for _, m in servable.network.lrn_layers()] == [LocalResponseNorm] * 2
+    generator = torch.Generator().manual_seed(3)
+    with torch.inference_mode():
+        for batch in (1, 5):
+            x = torch.randn(batch, *reference.input_shape, generator=generator)
+            assert _spread_error(servable.run((), x, {}), reference(x)) < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["caffe", "onnx"])
+def test_an_imported_graph_is_prepacked_with_the_same_outputs(kind: str, tmp_path: Path) -> None:
+    """Conv, InnerProduct (Caffe) and Gemm (ONNX) nodes prepacked at load, ReLUs fused."""
+    from lrnserve.server.importers import read_caffe, read_onnx
+    from lrnserve.server.importers.export_onnx import export
+    from lrnserve.server.models.runtime import GraphNetwork
+    from lrnserve.server.servables import NetworkServable
+    from lrnserve.server.settings import ModelConfig
+
+    prototxt = Path(__file__).resolve().parent / "data" / "caffe" / "cifar10_full.deploy.prototxt"
+    graph = read_caffe(prototxt)
+    if kind == "caffe":
+        config = ModelConfig(name="cifar", kind="caffe", prototxt=prototxt)
+    else:
+        path = tmp_path / "cifar.onnx"
+        path.write_bytes(export(graph))
+        graph = read_onnx(path)
+        config = ModelConfig(name="cifar", kind="onnx", path=path)
+    servable = NetworkServable(config)
+    description = servable.load(torch.device("cpu"))
+    from lrnserve.server.models.base import onednn_packing_available
+
+    if onednn_packing_available():
+        assert "4 layers prepacked for oneDNN" in description  # conv1-3 and ip1
+    reference = GraphNetwork(graph).eval()
+    x = torch.randn(4, *reference.input_shape, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        assert _spread_error(servable.run((), x, {}), reference(x)) < 1e-4
+    # The ONNX file writes within-channel LRN as standard ops (ONNX's LRN is across only).
+    assert len(servable.network.lrn_layers()) == (2 if kind == "caffe" else 0)

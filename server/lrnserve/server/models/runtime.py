@@ -9,6 +9,7 @@ from which ``batch_axis`` decides whether samples may share a batch. Constants a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import batch_axis, graph_ops, ir
+from . import base, batch_axis, graph_ops, ir
 from .base import LRNFactory
 
 logger = logging.getLogger(__name__)
@@ -179,6 +180,85 @@ class GraphNetwork(nn.Module):
             planned.append(_Planned(node, step, tuple(args), frees))
         return planned
 
+    def prepack_for_cpu(self) -> int:
+        """Conv, InnerProduct and Gemm nodes with constant float32 CPU weights run through
+        oneDNN with their weights reordered once, here (``base.PackedConv2d``/``PackedLinear``),
+        a ReLU node that alone reads one's output fused into it. Returns the nodes packed."""
+        if not base.onednn_packing_available():
+            return 0
+        reads: dict[str, int] = {}
+        for planned in self._plan:
+            for constant, key in planned.args:
+                if key and not constant:
+                    reads[key] = reads.get(key, 0) + 1
+        packed = 0
+        for index, planned in enumerate(self._plan):
+            made = self._packed_step(planned)
+            if made is None:
+                continue
+            module, weight_args = made
+            out = planned.node.outputs[0]
+            following = self._plan[index + 1] if index + 1 < len(self._plan) else None
+            if (
+                following is not None
+                and isinstance(following.node.op, ir.Activation)
+                and following.node.op.op == "relu"
+                and not following.node.op.negative_slope
+                and following.args == ((False, out),)
+                and reads.get(out) == 1
+                and out != self._output_value
+            ):
+                module.attr = "relu"
+                self._plan[index + 1] = dataclasses.replace(following, step=_identity)
+            self._plan[index] = dataclasses.replace(planned, step=module, args=planned.args[:1])
+            self.steps.append(module)
+            for _, key in weight_args:
+                if hasattr(self, key):  # the reordered copy replaces the constant (unless shared)
+                    still_read = any(key == k for p in self._plan for c, k in p.args if c)
+                    if not still_read:
+                        delattr(self, key)
+            packed += 1
+        return packed
+
+    def _packed_step(
+        self, planned: _Planned
+    ) -> tuple[base.PackedConv2d | _PackedFlat, tuple[tuple[bool, str], ...]] | None:
+        op, args = planned.node.op, planned.args
+        if len(args) < 2 or not all(constant for constant, _ in args[1:]) or args[0][0]:
+            return None
+        tensors = [getattr(self, key) if key else None for _, key in args[1:]]
+        weight, bias = tensors[0], tensors[1] if len(tensors) > 1 else None
+        if weight is None or weight.dtype != torch.float32 or weight.device.type != "cpu":
+            return None
+        if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+            return None
+        if isinstance(op, ir.Conv):
+            top, left, bottom, right = op.pads
+            if op.auto_pad != "NOTSET" or top != bottom or left != right or weight.dim() != 4:
+                return None
+            conv = nn.Conv2d(
+                weight.shape[1] * op.group, weight.shape[0], tuple(weight.shape[2:]), op.stride, (top, left),
+                op.dilation, op.group, bias=bias is not None,
+            )  # fmt: skip
+            with torch.no_grad():
+                conv.weight.copy_(weight)
+                if bias is not None and conv.bias is not None:
+                    conv.bias.copy_(bias)
+            return base.PackedConv2d(conv, relu=False), args[1:]
+        if isinstance(op, ir.InnerProduct) and op.axis == 1 and weight.dim() == 2:
+            matrix = weight.t() if op.transpose else weight
+            return _PackedFlat(_linear(matrix, bias)), args[1:]
+        if (
+            isinstance(op, ir.Gemm)
+            and op.trans_b
+            and not op.trans_a
+            and op.alpha == 1.0
+            and op.beta == 1.0
+            and weight.dim() == 2
+        ):
+            return _PackedFlat(_linear(weight, bias), flatten=False), args[1:]
+        return None
+
     def lrn_layers(self) -> list[tuple[str, nn.Module]]:
         return [(p.node.name, p.step) for p in self._plan if isinstance(p.step, graph_ops.LRNStep)]
 
@@ -211,6 +291,42 @@ class GraphNetwork(nn.Module):
             for name in planned.frees:
                 del values[name]
         return values[self._output_value]
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> base.PackedLinear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None and linear.bias is not None:
+            linear.bias.copy_(bias)
+    return base.PackedLinear(linear, relu=False)
+
+
+class _PackedFlat(nn.Module):
+    """A prepacked InnerProduct (x flattened from axis 1) or Gemm (x already 2-D)."""
+
+    def __init__(self, linear: base.PackedLinear, flatten: bool = True) -> None:
+        super().__init__()
+        self.linear, self.flatten = linear, flatten
+
+    @property
+    def attr(self) -> str:
+        return self.linear.attr
+
+    @attr.setter
+    def attr(self, value: str) -> None:
+        self.linear.attr = value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.flatten:
+            x = x.reshape(x.shape[0], -1)
+        elif x.dim() != 2:
+            raise ValueError(f"Gemm expects a 2-D input, got shape {list(x.shape)}")
+        return self.linear(x)  # type: ignore[no-any-return]
 
 
 def _show(shape: tuple[int | None, ...] | None) -> str:

@@ -17,7 +17,7 @@ LAYERS: list[set[str]] = [
     {"cli", "app", "modeltools"},
     {"transport"},
     {"dataplane", "validate", "classification", "configuration"},
-    {"repository"},
+    {"repository", "control", "catalog"},
     {"batching"},
     {"executor"},
     {"servables", "preprocess"},

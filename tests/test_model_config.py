@@ -133,7 +133,13 @@ def test_dtype_maps_to_the_data_type_enum(report: dict[str, Any]) -> None:
 
 
 def test_server_metadata_lists_the_extensions(report: dict[str, Any]) -> None:
-    assert report["server"]["extensions"] == ["parameters", "statistics", "model_configuration", "classification"]
+    assert report["server"]["extensions"] == [
+        "parameters",
+        "statistics",
+        "model_configuration",
+        "classification",
+        "model_repository",
+    ]
 
 
 def test_unknown_model_and_version_are_not_found(report: dict[str, Any]) -> None:

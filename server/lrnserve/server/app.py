@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from lrnserve.client.pb import grpc_predict_v2_pb2 as pb
 from lrnserve.client.pb import health_pb2, health_pb2_grpc
 
+from .control import ModelControl
 from .dataplane import DataPlane
 from .memory import IdleTrimmer
 from .metrics import Metrics
@@ -87,21 +88,24 @@ class LrnServer:
         # explicitly, usable TLS file combinations, the token read.
         settings = check_security(settings)
         self.settings = settings
-        devices = resolve_devices(settings.models, settings.device)
-        names = [m.name for m in settings.models]
+        # A model repository replaces the configured models: model control loads its folders.
+        configured = settings.models if settings.model_repository is None else ()
+        devices = resolve_devices(configured, settings.device)
+        names = [m.name for m in configured]
         self.registry = registry or CollectorRegistry()
         metrics = None
         if settings.metrics_enabled:
             metrics = Metrics(
                 self.registry,
                 models=devices,
-                queue_capacity={m.name: m.batching.max_queue_size for m in settings.models},
-                max_batch_size=max(m.batching.max_batch_size for m in settings.models),
+                queue_capacity={m.name: m.batching.max_queue_size for m in configured},
+                max_batch_size=max((m.batching.max_batch_size for m in settings.models), default=32),
             )
         self.telemetry = Telemetry(names, metrics)
-        self.repository = ModelRepository(settings.models, devices, self.telemetry, servables)
-        self.dataplane = DataPlane(self.repository, self.telemetry, settings)
+        self.repository = ModelRepository(configured, devices, self.telemetry, servables, settings.device)
         self.health = HealthService([INFERENCE_SERVICE, *names])
+        self.control = ModelControl(self.repository, self.telemetry, settings, self.health.set)
+        self.dataplane = DataPlane(self.repository, self.telemetry, settings, control=self.control)
         self.trimmer = IdleTrimmer(settings.idle_trim_seconds)
         self.grpc_port = 0
         self.metrics_port: int | None = None
@@ -123,8 +127,15 @@ class LrnServer:
     async def start(self) -> None:
         """Listen, then load every model; returns once all are ready (raises if one fails)."""
         interceptors = []
-        if self.settings.token is not None:
-            interceptors.append(TokenAuth(self.settings.token.reveal(), self.telemetry.auth_rejected))
+        token, control = self.settings.token, self.settings.model_control_token
+        if token is not None or control is not None:
+            interceptors.append(
+                TokenAuth(
+                    token.reveal() if token is not None else None,
+                    self.telemetry.auth_rejected,
+                    control.reveal() if control is not None else None,
+                )
+            )
         quiet_departures()
         server = grpc.aio.server(
             interceptors=interceptors,
@@ -157,13 +168,14 @@ class LrnServer:
         try:
             self._start_metrics()
             await self.repository.load_all()
+            await self.control.start()
         except BaseException:
             await self.stop(grace=0)
             raise
         if self.dataplane.draining:  # SIGTERM arrived while models loaded: stay NOT_SERVING
             return
         for name in self.repository.names():
-            await self.health.set(name, True)
+            await self.health.set(name, any(m.ready for m in self.repository.models() if m.name == name))
         await self.health.set(INFERENCE_SERVICE, True)
         await self.health.set("", True)
         logger.info("ready: %d models in %.1fs", len(self.repository.names()), time.perf_counter() - start)
@@ -196,6 +208,7 @@ class LrnServer:
         self.dataplane.begin_drain()
         await self.health.close()
         drained = True
+        await self.control.stop()
         if self._calls is not None:
             drained = await self._calls.wait_finished(self.dataplane.drain_started, grace)
         self.repository.close()

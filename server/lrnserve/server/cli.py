@@ -22,7 +22,7 @@ from lrnserve.client.cli import Parser
 from . import eventloop
 from .app import LrnServer
 from .repository import ServableFactory
-from .schema import ConfigError, Setting
+from .schema import ConfigError, Names, Setting
 from .servables import create_servable
 from .settings import BUILT_IN_NETWORKS, SERVER_SETTINGS, ServerSettings, load_settings
 
@@ -44,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(
                 *declared.flag_names, dest=declared.name, action="store_const", const=declared.flag_sets, help=text
             )
+        elif isinstance(declared.check, Names):  # repeatable: --load-model a --load-model b
+            parser.add_argument(*declared.flag_names, dest=declared.name, metavar="NAME", action="append", help=text)
         else:
             metavar = declared.name.rsplit("_", 1)[-1].upper()
             parser.add_argument(*declared.flag_names, dest=declared.name, metavar=metavar, help=text)

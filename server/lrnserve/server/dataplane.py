@@ -8,8 +8,12 @@ the answer. Its outcome is reported to telemetry in one place, whatever happened
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import time
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
 
 import grpc
 
@@ -18,7 +22,8 @@ from lrnserve.client.version import __version__
 from .admission import Budget, Lease
 from .classification import BYTES, classify
 from .configuration import ModelConfiguration, describe
-from .errors import DeadlineExceeded, ResourceExhausted, ServingError, Unavailable
+from .control import ModelControl, ModelState
+from .errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, ServingError, Unavailable
 from .inference import (
     InferenceRequest,
     InferenceResponse,
@@ -35,7 +40,7 @@ from .validate import Limits, Validated, bytes_text, validate
 
 SERVER_NAME = "lrnserve"
 # Triton's names for the extensions this server implements (ServerMetadata lists them).
-EXTENSIONS = ("parameters", "statistics", "model_configuration", "classification")
+EXTENSIONS = ("parameters", "statistics", "model_configuration", "classification", "model_repository")
 
 
 # gRPC cancels a call's handler a few milliseconds before the deadline this server computes
@@ -71,20 +76,20 @@ class DataPlane:
         telemetry: Telemetry,
         settings: ServerSettings,
         extensions: tuple[str, ...] = EXTENSIONS,
+        control: ModelControl | None = None,
     ) -> None:
         self.repository = repository
+        self.control = control
         self.telemetry = telemetry
         self.extensions = extensions
         self.draining = False
         # Calls that began before this (time.monotonic()) are still served while draining.
         self.drain_started = -math.inf
         self.budget = Budget(settings.max_inflight_bytes)
-        self._limits = {
-            model.name: Limits(
-                settings.max_tensor_bytes, settings.max_tensor_elements, model.config.batching.max_request_samples
-            )
-            for model in repository.models()
-        }
+        self._settings = settings
+        # Limits depend on the server's settings and a model's max_request_samples only; models
+        # loaded later (model control) get theirs on their first request.
+        self._limits: dict[int, Limits] = {}
 
     # ---- health and metadata ----
 
@@ -101,7 +106,44 @@ class DataPlane:
         return ServerMetadata(SERVER_NAME, __version__, self.extensions)
 
     def model_metadata(self, name: str, version: str) -> ModelMetadata:
-        return self._servable(self.repository.get(name, version)).metadata()
+        model = self.repository.get(name, version)
+        versions = tuple(v for v in self.repository.versions(name) if self.repository.get(name, v).ready)
+        return replace(self._servable(model).metadata(), versions=versions or (model.version,))
+
+    # ---- model control (the repository extension) ----
+
+    @property
+    def repository_root(self) -> Path | None:
+        return self.control.root if self.control is not None else None
+
+    def _control(self) -> ModelControl:
+        if self.control is None:
+            raise Unavailable("model control is not enabled on this server")
+        return self.control
+
+    def repository_index(self, ready_only: bool) -> list[ModelState]:
+        return self._control().index(ready_only)
+
+    async def load_model(self, name: str, config: str | None, files: Mapping[str, bytes]) -> None:
+        """RepositoryModelLoad: ``config`` is JSON with config.toml's keys (it replaces config.toml)."""
+        if not name:
+            raise InvalidArgument("model_name: give the model to load")
+        table = None
+        if config is not None:
+            try:
+                table = json.loads(config)
+            except ValueError as exc:
+                raise InvalidArgument(f"parameters.config: invalid JSON: {exc}") from None
+            if not isinstance(table, dict):
+                raise InvalidArgument("parameters.config: expected a JSON object of config.toml keys")
+        if self.draining:
+            raise Unavailable("server is shutting down")
+        await self._control().load(name, table, files)
+
+    async def unload_model(self, name: str) -> None:
+        if not name:
+            raise InvalidArgument("model_name: give the model to unload")
+        await self._control().unload(name)
 
     def model_config(self, name: str, version: str) -> ModelConfiguration:
         return describe(self.repository.get(name, version))
@@ -130,7 +172,7 @@ class DataPlane:
             assert model.servable is not None and model.batcher is not None  # ready
             if lease.refused:
                 raise self._busy(lease.refused)
-            valid = validate(request, model.servable, self._limits[model.name], arrival)
+            valid = validate(request, model.servable, self._limits_of(model), arrival)
             self._admit(lease, valid.nbytes if request.lease is None else 0, valid.output_bytes)
             raw = await model.batcher.submit(valid.work, valid.deadline)
             if deadline is not None and time.monotonic() >= deadline:
@@ -143,6 +185,14 @@ class DataPlane:
             if request.lease is None:
                 lease.release()
             self.telemetry.request_finished(request.model, code, time.monotonic() - arrival)
+
+    def _limits_of(self, model: ServedModel) -> Limits:
+        samples = model.config.batching.max_request_samples
+        limits = self._limits.get(samples)
+        if limits is None:
+            s = self._settings
+            limits = self._limits[samples] = Limits(s.max_tensor_bytes, s.max_tensor_elements, samples)
+        return limits
 
     def _admit(self, lease: Lease, input_bytes: int, output_bytes: int) -> None:
         """Hold the request's input (when not charged on receipt) and three times its output:
@@ -191,4 +241,4 @@ class DataPlane:
             output = OutputTensor(name, BYTES, shape, text)
         else:
             output = OutputTensor(name, valid.datatype.wire, valid.output_shape, raw)
-        return InferenceResponse(model=model.name, version="1", id=request.id, outputs=(output,))
+        return InferenceResponse(model=model.name, version=model.version, id=request.id, outputs=(output,))

@@ -140,6 +140,19 @@ class Metrics:
         self.model_load = Gauge(
             "lrnserve_model_load_seconds", "Time the model took to load and warm up.", ["model"], registry=registry
         )
+        self.model_state = Gauge(
+            "lrnserve_model_state",
+            "1 for a model version's current state (READY, LOADING, UNAVAILABLE, UNLOADING).",
+            ["model", "version", "state"],
+            registry=registry,
+        )
+        self.model_loads = Counter(
+            "lrnserve_model_loads", "Model versions loaded (start-up, loads and reloads).", ["model"], registry=registry
+        )
+        self.model_load_failures = Counter(
+            "lrnserve_model_load_failures", "Model version loads that failed.", ["model"], registry=registry
+        )
+        self._states: dict[tuple[str, str], tuple[str, ...]] = {}
         self.build = Info("lrnserve_build", "Versions this server runs.", registry=registry)
         self.build.info(
             {
@@ -162,18 +175,36 @@ class Metrics:
         self._expired: dict[str, Counter] = {}
         self._abandoned: dict[str, Counter] = {}
         for model, device in models.items():
-            self._durations[model] = self.request_duration.labels(model)
-            self._batches[model] = (
-                self.batch_size.labels(model),
-                self.compute_duration.labels(model, str(device)),
-                self.queue_duration.labels(model),
-            )
-            self._depths[model] = self.queue_depth.labels(model)
-            self._depths[model].set(0)
-            self._expired[model] = self.expired.labels(model)
-            self._abandoned[model] = self.abandoned.labels(model)
-            self._counters[(model, "OK")] = self.requests.labels(model, "OK")
-            self.queue_capacity.labels(model).set(queue_capacity[model])
+            self.add_model(model, device, queue_capacity[model])
+
+    def add_model(self, model: str, device: torch.device, queue_capacity: int) -> None:
+        """Every series of one served model (at start-up, or when model control loads it)."""
+        if model in self._durations:
+            return
+        self._durations[model] = self.request_duration.labels(model)
+        self._batches[model] = (
+            self.batch_size.labels(model),
+            self.compute_duration.labels(model, str(device)),
+            self.queue_duration.labels(model),
+        )
+        self._depths[model] = self.queue_depth.labels(model)
+        self._depths[model].set(0)
+        self._expired[model] = self.expired.labels(model)
+        self._abandoned[model] = self.abandoned.labels(model)
+        self._counters[(model, "OK")] = self.requests.labels(model, "OK")
+        self.queue_capacity.labels(model).set(queue_capacity)
+
+    def record_model_state(self, model: str, version: str, state: str, failed: bool) -> None:
+        """``lrnserve_model_state{model, version, state}`` is 1 for the version's state, its other
+        states' series removed; loads and load failures are counted per model."""
+        for old in self._states.pop((model, version), ()):
+            self.model_state.remove(model, version, old)
+        self.model_state.labels(model, version, state).set(1)
+        self._states[(model, version)] = (state,)
+        if state == "READY" and not failed:
+            self.model_loads.labels(model).inc()
+        if failed:
+            self.model_load_failures.labels(model).inc()
 
     def record_request(self, model: str, code: str, seconds: float) -> None:
         counter = self._counters.get((model, code))

@@ -62,6 +62,7 @@ class ServedModel:
     batcher: Batcher | None = None
     ready: bool = False
     load_seconds: float = 0.0
+    version: str = "1"
 
     @property
     def name(self) -> str:
@@ -78,35 +79,109 @@ class ModelRepository:
         devices: Mapping[str, torch.device],
         telemetry: Telemetry,
         servables: ServableFactory,
+        server_device: str = "auto",
     ) -> None:
-        self._models = {config.name: ServedModel(config, devices[config.name]) for config in models}
+        # name -> version -> model: what requests are routed to (``swap`` replaces a name's entry).
+        self._models = {config.name: {"1": ServedModel(config, devices[config.name])} for config in models}
         self._telemetry = telemetry
         self._servables = servables
+        self._server_device = server_device
         self._stopping = False
+        self._retiring: set[asyncio.Task[None]] = set()
 
     def names(self) -> list[str]:
         return list(self._models)
 
     def models(self) -> list[ServedModel]:
-        return list(self._models.values())
+        return [model for versions in self._models.values() for model in versions.values()]
+
+    def versions(self, name: str) -> list[str]:
+        """The versions of ``name`` routed to now, oldest first."""
+        return sorted(self._models.get(name, {}), key=_version_order)
 
     def get(self, name: str, version: str = "") -> ServedModel:
-        model = self._models.get(name)
-        if model is None:
-            known = ", ".join(self._models) or "none"
+        """The model serving ``name`` at ``version``; "" is the newest ready version."""
+        versions = self._models.get(name)
+        if not versions:
+            known = ", ".join(n for n, v in self._models.items() if v) or "none"
             raise NotFound(f"model '{name}' is not served here; models: {known}")
-        if version not in ("", "1"):
-            raise NotFound(f"model '{name}' has no version '{version}'; versions: 1")
+        if version == "":
+            ready = [v for v, m in versions.items() if m.ready] or list(versions)
+            return versions[max(ready, key=_version_order)]
+        model = versions.get(version)
+        if model is None:
+            raise NotFound(f"model '{name}' has no version '{version}'; versions: {', '.join(self.versions(name))}")
         return model
 
     @property
     def all_ready(self) -> bool:
-        return all(m.ready for m in self._models.values())
+        return all(m.ready for m in self.models())
+
+    async def build(self, config: ModelConfig, version: str) -> ServedModel:
+        """A new, started instance of ``config`` that nothing routes to yet (``swap`` does);
+        loads in a worker thread, so the event loop keeps serving. Raises what the load raised."""
+        device = resolve_device(config.device, self._server_device)
+        model = ServedModel(config, device, version=version)
+        self._telemetry.add_model(config.name, device, config.batching.max_queue_size)
+        loop = asyncio.get_running_loop()
+        start = time.perf_counter()
+        servable, description, executor = await loop.run_in_executor(None, self._build, model)
+        model.load_seconds = time.perf_counter() - start
+        model.servable, model.executor = servable, executor
+        model.batcher = Batcher(model.name, executor, config.batching, self._telemetry.model(model.name))
+        model.batcher.start()
+        model.ready = True
+        logger.info(
+            "model %s version %s (%s): device=%s instances=%d loaded in %.2fs; %s",
+            model.name, version, config.kind, device, executor.instances, model.load_seconds, description,
+        )  # fmt: skip
+        self._telemetry.model_loaded(model.name, model.load_seconds)
+        return model
+
+    def _build(self, model: ServedModel) -> tuple[Servable, str, Executor]:
+        servable, description = self._load(model)
+        return servable, description, Executor(servable, model.device, model.config.instances, model.config.threads)
+
+    def swap(self, name: str, versions: Mapping[str, ServedModel]) -> list[ServedModel]:
+        """Route ``name`` to exactly ``versions`` (empty: the model is gone) at once; returns
+        the instances no longer routed to, for ``retire``. Requests already queued on them stay."""
+        old = self._models.get(name, {})
+        if versions:
+            self._models[name] = dict(versions)
+        else:
+            self._models.pop(name, None)
+        kept = {id(m) for m in versions.values()}
+        retired = [m for m in old.values() if id(m) not in kept]
+        for model in retired:
+            model.ready = False
+            if model.batcher is not None:
+                model.batcher.close()  # nothing new reaches it; what is queued still runs
+        return retired
+
+    async def retire(self, models: Sequence[ServedModel], timeout: float) -> bool:
+        """Let ``models``' queued and running requests finish (within ``timeout``), then stop
+        them and drop every reference to their servables; False when time ran out first."""
+        deadline = time.monotonic() + timeout
+        drained = True
+        for model in models:
+            if model.batcher is not None:
+                try:
+                    await asyncio.wait_for(model.batcher.wait_idle(), max(0.0, deadline - time.monotonic()))
+                except TimeoutError:
+                    drained = False
+                await model.batcher.stop(max(0.0, deadline - time.monotonic()))
+            if model.executor is not None:
+                # Idle: its threads end at once; joined off the loop, so that their references to
+                # the servable are gone when this returns. Not idle: leave them to finish.
+                idle = model.batcher is None or model.batcher.queue_depth == 0
+                await asyncio.to_thread(model.executor.close, idle and drained)
+            model.servable = model.executor = model.batcher = None
+        return drained
 
     async def load_all(self) -> None:
         """Load models one after another (each may use every core), starting each batcher."""
         loop = asyncio.get_running_loop()
-        for model in self._models.values():
+        for model in self.models():
             if self._stopping:
                 return
             start = time.perf_counter()
@@ -148,14 +223,14 @@ class ModelRepository:
     def close(self) -> None:
         """Refuse new requests on every model (queued ones still run); stop loading more."""
         self._stopping = True
-        for model in self._models.values():
+        for model in self.models():
             model.ready = False
             if model.batcher is not None:
                 model.batcher.close()
 
     async def drain(self, timeout: float) -> bool:
         """Wait until every queued and running request finished; False on timeout."""
-        waits = [m.batcher.wait_idle() for m in self._models.values() if m.batcher is not None]
+        waits = [m.batcher.wait_idle() for m in self.models() if m.batcher is not None]
         try:
             await asyncio.wait_for(asyncio.gather(*waits), timeout=timeout)
         except TimeoutError:
@@ -167,9 +242,13 @@ class ModelRepository:
         worker threads still computing are left to finish on their own."""
         deadline = None if timeout is None else time.monotonic() + timeout
         self._stopping = True
-        for model in self._models.values():
+        for model in self.models():
             if model.batcher is not None:
                 remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
                 await model.batcher.stop(remaining)
             if model.executor is not None:
                 model.executor.close(wait=False)
+
+
+def _version_order(version: str) -> tuple[int, str]:
+    return (int(version), "") if version.isdigit() else (-1, version)

@@ -134,6 +134,39 @@ class FileOrNumbers(File):
         return tuple(number(f"{key}[{i}]", v) for i, v in enumerate(value))
 
 
+class Directory(Check):
+    """An existing folder (relative to a config file's folder when given in one)."""
+
+    text = "path of an existing folder"
+
+    def __call__(self, key: str, value: object, base: Path | None = None) -> Path:
+        path = Path(Text()(key, value))
+        if base is not None and not path.is_absolute():
+            path = base / path
+        if not path.is_dir():
+            raise ConfigError(f"{key}: folder {path} does not exist")
+        return path
+
+
+class Names(Check):
+    """A list of names: a TOML list, repeated flags, or one comma-separated string."""
+
+    text = "names (a list; comma-separated in a variable)"
+
+    def __call__(self, key: str, value: object) -> tuple[str, ...]:
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list of names, got {value!r}")
+        names = []
+        for item in items:
+            parts = item.split(",") if isinstance(item, str) else [item]
+            for part in parts:
+                if not isinstance(part, str) or not part.strip():
+                    raise ConfigError(f"{key}: expected non-empty names, got {value!r}")
+                names.append(part.strip())
+        return tuple(names)
+
+
 @dataclass(frozen=True)
 class Setting:
     """One declared setting: where it may be given and how it is checked and documented."""

@@ -32,9 +32,11 @@ from .schema import (
     Choice,
     ConfigError,
     Device,
+    Directory,
     File,
     FileOrNumbers,
     Integer,
+    Names,
     Number,
     Setting,
     Text,
@@ -256,6 +258,33 @@ class ServerSettings:
         None, File(), 'require "authorization: Bearer <token>" on every RPC but health, the token read from this file'
     )
     token: Secret | None = setting(None, _Token(), "the token itself, instead of token_file", toml=False, flags=())
+    model_control_token_file: Path | None = setting(
+        None,
+        File(),
+        "require this second token (read from the file) for RepositoryIndex/Load/Unload; inference callers' "
+        "token is then refused for them (PERMISSION_DENIED)",
+    )
+    model_control_token: Secret | None = setting(
+        None, _Token(), "the model-control token itself, instead of model_control_token_file", toml=False, flags=()
+    )
+    model_repository: Path | None = setting(
+        None,
+        Directory(),
+        "serve the models of this folder (README, Model repository) instead of [models] or the embedded ones",
+    )
+    model_control_mode: str = setting(
+        "none",
+        Choice("none", "explicit", "poll"),
+        "none: load every model at start; explicit: only --load-model and RepositoryModelLoad; "
+        "poll: also load, reload and unload as the folder changes",
+    )
+    load_model: tuple[str, ...] = setting(
+        (), Names(), "in explicit mode, a model to load at start (repeatable; comma-separated in the variable)"
+    )
+    strict_model_config: bool = setting(
+        False, Boolean(), "in mode none, fail start-up when a model of the repository fails to load", flag_sets=True
+    )
+    repository_poll_secs: float = setting(15.0, Number(0.01), "in poll mode, seconds between scans of the folder")
     models: tuple[ModelConfig, ...] = field(default_factory=lambda: default_models())
 
 
@@ -263,6 +292,12 @@ SERVER_SETTINGS = settings_of(ServerSettings)
 MODEL_SETTINGS = {**settings_of(ModelConfig), **settings_of(BatchingPolicy), **LRN_SETTINGS}
 PREPROCESS_SETTINGS = settings_of(Preprocess)
 _REQUIRED_FILE = {"caffe": "prototxt", "onnx": "path"}
+
+
+def model_from_table(name: str, table: Mapping[str, Any], base_dir: Path) -> ModelConfig:
+    """One model from the keys of a ``[models.NAME]`` table (a repository's config.toml too),
+    relative paths resolved against ``base_dir``."""
+    return _model(name, table, base_dir)
 
 
 def default_models() -> tuple[ModelConfig, ...]:
@@ -284,7 +319,7 @@ def _table(key: str, value: object) -> Mapping[str, Any]:
 
 
 def _checked(declared: Setting, key: str, value: object, base: Path | None) -> Any:
-    if isinstance(declared.check, File):
+    if isinstance(declared.check, (File, Directory)):
         return declared.check(key, value, base)
     return declared.check(key, value)
 
@@ -391,6 +426,11 @@ def check_security(settings: ServerSettings) -> ServerSettings:
         if not token:
             raise ConfigError(f"token_file: {settings.token_file} is empty")
         settings = replace(settings, token=Secret(token))
+    if settings.model_control_token_file is not None:
+        token = settings.model_control_token_file.read_text().strip()
+        if not token:
+            raise ConfigError(f"model_control_token_file: {settings.model_control_token_file} is empty")
+        settings = replace(settings, model_control_token=Secret(token))
     return settings
 
 

@@ -48,6 +48,10 @@ class StatisticsStore:
     def get(self, model: str) -> ModelStatistics:
         return self._models[model]
 
+    def add(self, model: str) -> None:
+        """A model that began to be served after start-up (model control)."""
+        self._models.setdefault(model, ModelStatistics())
+
     def record_request(self, model: str, ok: bool, seconds: float) -> None:
         stats = self._models.get(model)
         if stats is None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import grpc
+import torch
 
 from .metrics import Metrics
 from .statistics import ModelStatistics, StatisticsStore
@@ -58,6 +59,21 @@ class Telemetry:
 
     def model(self, name: str) -> ModelTelemetry:
         return self._models[name]
+
+    def add_model(self, name: str, device: torch.device, queue_capacity: int) -> None:
+        """A model loaded while serving (model control): its statistics and series from now on."""
+        if name in self._models:
+            return
+        self._served.append(name)
+        self._statistics.add(name)
+        if self.metrics is not None:
+            self.metrics.add_model(name, device, queue_capacity)
+        self._models[name] = ModelTelemetry(name, self._statistics, self.metrics)
+
+    def model_state(self, model: str, version: str, state: str, failed: bool = False) -> None:
+        """A model version's state changed (READY, UNAVAILABLE, UNLOADING, ...); ``failed``: a load failed."""
+        if self.metrics is not None:
+            self.metrics.record_model_state(model, version, state, failed)
 
     def statistics(self, name: str) -> ModelStatistics:
         return self._statistics.get(name)

@@ -24,7 +24,7 @@ from lrnserve.client.pb import grpc_predict_v2_pb2_grpc as pb_grpc
 
 from ..dataplane import DataPlane
 from ..errors import ServingError
-from . import codec
+from . import codec, repository_codec
 from .wire import InferRequestWire
 
 logger = logging.getLogger(__name__)
@@ -63,6 +63,22 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context) -> pb.ModelStatisticsResponse:
         return codec.statistics_to_proto(self.dataplane.statistics(request.name, request.version))
+
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context) -> pb.RepositoryIndexResponse:
+        return repository_codec.index_to_proto(self.dataplane.repository_index(request.ready))
+
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: Context
+    ) -> pb.RepositoryModelLoadResponse:
+        load = repository_codec.load_from_proto(request, self.dataplane.repository_root)
+        await self.dataplane.load_model(load.model, load.config, load.files)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: Context
+    ) -> pb.RepositoryModelUnloadResponse:
+        await self.dataplane.unload_model(repository_codec.model_name(request, self.dataplane.repository_root))
+        return pb.RepositoryModelUnloadResponse()
 
 
 Unary = Callable[[Any, "Context"], Awaitable[Any]]

@@ -24,7 +24,7 @@ from lrnserve.server.ops.composed import local_response_norm_composed
 from lrnserve.server.ops.torch_op import local_response_norm_op
 
 OP = torch.ops.lrnserve.local_response_norm.default
-CIFAR_PROTOTXT = Path(__file__).resolve().parents[2] / "shared" / "models" / "caffe" / "cifar10_full.deploy.prototxt"
+CIFAR_PROTOTXT = Path(__file__).resolve().parent / "data" / "caffe" / "cifar10_full.deploy.prototxt"
 
 
 def lrn_nodes(graph: torch.fx.Graph) -> int:
@@ -52,8 +52,6 @@ def rel_error(got: np.ndarray | torch.Tensor, want: np.ndarray | torch.Tensor) -
 
 
 def cifar_graph_network() -> GraphNetwork:
-    if not CIFAR_PROTOTXT.is_file():
-        pytest.skip(f"the shared Caffe prototxt is not at {CIFAR_PROTOTXT}")
     return GraphNetwork(read_caffe(CIFAR_PROTOTXT)).eval()
 
 

@@ -131,12 +131,16 @@ print("metrics scraped")
 PY
 "$PYTHON" -m lrnserve.client.cli health --target "127.0.0.1:$grpc_port"
 podman exec "$id" lrnserve health --target "127.0.0.1:$grpc_port"
-podman logs "$id" 2>&1 | grep -q "fused CPU LRN kernel loaded" \
+# Read the logs whole before searching: grep -q stops at the first match, and podman, writing the
+# rest into a closed pipe, then fails the pipeline (pipefail) once the log is long enough.
+logs=$(podman logs "$id" 2>&1)
+grep -q "fused CPU LRN kernel loaded" <<< "$logs" \
   || { echo "the image must load its prebuilt kernel (no compiler at run time)" >&2; podman logs "$id" | tail -20; exit 1; }
 
 log "SIGTERM drains and exits 0"
 podman stop --time 60 "$id" > /dev/null
 code=$(podman inspect "$id" --format '{{.State.ExitCode}}')
 [ "$code" = 0 ] || { echo "exit code $code after SIGTERM" >&2; podman logs "$id" | tail -20; exit 1; }
-podman logs "$id" 2>&1 | grep -q "stopped (drained)"
+logs=$(podman logs "$id" 2>&1)
+grep -q "stopped (drained)" <<< "$logs"
 echo "container test passed (base image: debootstrap stand-in for python:3.11-slim)"

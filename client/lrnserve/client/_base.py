@@ -205,10 +205,12 @@ class BaseClient(Generic[Call]):
     def _learn_input_name(self, model: str, metadata: ModelMetadata | None) -> str:
         """The name to send; without metadata (lookup failed) the server's own answer to the
         request will say what is wrong."""
-        if metadata is None or len(metadata.inputs) != 1:
+        if metadata is None:  # not remembered: a model loaded later is found next time
             return "input"
-        self._input_names[model] = metadata.inputs[0].name
-        return metadata.inputs[0].name
+        # Remembered either way, so a model without exactly one input costs no lookup per request.
+        name = metadata.inputs[0].name if len(metadata.inputs) == 1 else "input"
+        self._input_names[model] = name
+        return name
 
     @classmethod
     def _lrn(

@@ -26,13 +26,13 @@ def scores(raw: bytes | memoryview, datatype: DataType, shape: tuple[int, ...]) 
 
 def top_classes(values: np.ndarray, k: int, labels: Sequence[str] | None) -> list[list[str]]:
     """Each row's ``k`` best classes as Triton's strings; ties keep the lower index first."""
-    order = np.argsort(-values.astype(np.float64), axis=1, kind="stable")[:, :k]
+    order = np.argsort(-values, axis=1, kind="stable")[:, :k]  # negation is exact in every float type
+    picked = np.take_along_axis(values, order, axis=1).tolist()
     rows = []
-    for row, indices in zip(values, order, strict=True):
-        texts = []
-        for index in indices.tolist():
-            text = f"{float(row[index]):f}:{index}"
-            texts.append(f"{text}:{labels[index]}" if labels is not None else text)
+    for row_scores, indices in zip(picked, order.tolist(), strict=True):
+        texts = [f"{float(score):f}:{index}" for score, index in zip(row_scores, indices, strict=True)]
+        if labels is not None:
+            texts = [f"{text}:{labels[index]}" for text, index in zip(texts, indices, strict=True)]
         rows.append(texts)
     return rows
 

@@ -49,7 +49,7 @@ def describe(model: ServedModel) -> ModelConfiguration:
     if servable is None or executor is None:
         raise Unavailable(f"model '{model.name}' is still loading; retry shortly")
     metadata = servable.metadata()
-    layout = _layout(model)
+    layout = "" if model.config.kind == "lrn" else servable.layout  # the LRN takes any layout
     labels = model.config.labels.name if model.config.labels is not None else ""
     inputs = tuple(TensorConfig(t.name, t.datatype, t.shape[1:], format=layout) for t in metadata.inputs)
     outputs = tuple(TensorConfig(t.name, t.datatype, t.shape[1:], label_filename=labels) for t in metadata.outputs)
@@ -71,14 +71,6 @@ def describe(model: ServedModel) -> ModelConfiguration:
         latest_versions=1,
         parameters=_parameters(model),
     )
-
-
-def _layout(model: ServedModel) -> str:
-    """A network's images are NCHW unless its preprocessing takes them NHWC; the LRN has none."""
-    if model.config.kind == "lrn":
-        return ""
-    preprocess = model.config.preprocess
-    return preprocess.layout.upper() if preprocess is not None else "NCHW"
 
 
 def _parameters(model: ServedModel) -> dict[str, str]:

@@ -98,7 +98,7 @@ def check(path: Path, network: GraphNetwork) -> int:
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         (got,) = session.run([network.output_name], {network.input_name: x})
     except Exception as exc:  # onnxruntime's own exception types
-        raise CheckError(f"{path}: onnxruntime cannot run the written file: {_first_line(exc)}") from None
+        raise CheckError(f"{path}: onnxruntime cannot run the written file: {ir.first_line(exc)}") from None
     if got.shape != expected.shape:
         raise CheckError(f"{path}: onnxruntime's output has shape {list(got.shape)}, lrnserve's {list(expected.shape)}")
     error = float(np.max(np.abs(got - expected)) / max(float(np.max(np.abs(expected))), np.finfo(np.float32).tiny))
@@ -114,25 +114,20 @@ class CheckError(Exception):
     """The written file does not run in onnxruntime as lrnserve runs the model."""
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
-
-
 def main(argv: Sequence[str] | None = None, prog: str = "lrnserve") -> int:
     args = build_parser(prog).parse_args(sys.argv[1:] if argv is None else list(argv))
     try:
         code: int = args.handler(args)
     except (ir.ModelLoadError, CheckError) as exc:
-        print(f"{prog} {args.command}: {_first_line(exc)}", file=sys.stderr)
+        print(f"{prog} {args.command}: {ir.first_line(exc)}", file=sys.stderr)
         return 1
     except OSError as exc:
-        print(f"{prog} {args.command}: {exc.filename or ''}: {exc.strerror or _first_line(exc)}", file=sys.stderr)
+        print(f"{prog} {args.command}: {exc.filename or ''}: {exc.strerror or ir.first_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # a bug, but still one line: users run this before anything else
-        print(f"{prog} {args.command}: internal error: {type(exc).__name__}: {_first_line(exc)}", file=sys.stderr)
+        print(f"{prog} {args.command}: internal error: {type(exc).__name__}: {ir.first_line(exc)}", file=sys.stderr)
         return 1
     return code
 

@@ -422,16 +422,18 @@ def check_security(settings: ServerSettings) -> ServerSettings:
                 "to serve without TLS say so with --plaintext, LRNSERVE_PLAINTEXT=1 or plaintext = true"
             )
     if settings.token_file is not None:
-        token = settings.token_file.read_text().strip()
-        if not token:
-            raise ConfigError(f"token_file: {settings.token_file} is empty")
-        settings = replace(settings, token=Secret(token))
+        settings = replace(settings, token=_file_token("token_file", settings.token_file))
     if settings.model_control_token_file is not None:
-        token = settings.model_control_token_file.read_text().strip()
-        if not token:
-            raise ConfigError(f"model_control_token_file: {settings.model_control_token_file} is empty")
-        settings = replace(settings, model_control_token=Secret(token))
+        token = _file_token("model_control_token_file", settings.model_control_token_file)
+        settings = replace(settings, model_control_token=token)
     return settings
+
+
+def _file_token(key: str, path: Path) -> Secret:
+    token = path.read_text().strip()
+    if not token:
+        raise ConfigError(f"{key}: {path} is empty")
+    return Secret(token)
 
 
 def _cell(value: object) -> str:

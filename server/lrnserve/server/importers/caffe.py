@@ -21,7 +21,7 @@ from google.protobuf import text_format
 from torch import nn
 
 from ..models import LRNNetwork, ir
-from .caffe_blobs import check_blobs, first_line, fit_blob, load_error, read_blob, read_caffemodel, read_file
+from .caffe_blobs import check_blobs, fit_blob, load_error, read_blob, read_caffemodel, read_file
 from .caffe_layers import SUPPORTED, TRANSLATORS, BlobSpec, Layer, LayerContext, Shape, show
 from .pb import caffe_pb2
 
@@ -55,10 +55,10 @@ def _parse_text(path: Path) -> caffe_pb2.NetParameter:
         text_format.Parse(text, net, allow_unknown_field=True)
     except text_format.ParseError as exc:
         line, column = exc.GetLine(), exc.GetColumn()
-        detail = first_line(exc).removeprefix(f"{line}:{column} : ")
+        detail = ir.first_line(exc).removeprefix(f"{line}:{column} : ")
         raise load_error(f"{path}:{line}:{column}", f"cannot parse the prototxt: {detail}") from None
     except Exception as exc:
-        raise load_error(path, f"cannot parse the prototxt: {first_line(exc)}") from None
+        raise load_error(path, f"cannot parse the prototxt: {ir.first_line(exc)}") from None
     return net
 
 

@@ -27,18 +27,13 @@ def load_error(where: str | Path, message: str) -> ir.ModelLoadError:
     return ir.ModelLoadError(re.sub(r"\s*[\r\n]+\s*", " ", f"{where}: {message}"))
 
 
-def first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
-
-
 def read_file(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except FileNotFoundError:
         raise load_error(path, "no such file") from None
     except OSError as exc:
-        raise load_error(path, f"cannot read it: {exc.strerror or first_line(exc)}") from None
+        raise load_error(path, f"cannot read it: {exc.strerror or ir.first_line(exc)}") from None
 
 
 class _Corrupt(Exception):
@@ -84,7 +79,7 @@ def _parse(message: Message, data: bytes) -> None:
     try:
         message.ParseFromString(data)
     except Exception as exc:  # DecodeError, or RecursionError from hostile nesting
-        raise _Corrupt(first_line(exc)) from None
+        raise _Corrupt(ir.first_line(exc)) from None
 
 
 def _blob(raw: bytes, start: int, end: int, where: str) -> np.ndarray:
@@ -125,7 +120,7 @@ def _blob(raw: bytes, start: int, end: int, where: str) -> np.ndarray:
 
 
 def _unreadable(path: Path, what: str, exc: Exception) -> ir.ModelLoadError:
-    return load_error(path, f"not a readable {what}: corrupt, truncated or another format ({first_line(exc)})")
+    return load_error(path, f"not a readable {what}: corrupt, truncated or another format ({ir.first_line(exc)})")
 
 
 def read_blob(path: Path) -> np.ndarray:

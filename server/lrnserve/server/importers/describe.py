@@ -145,7 +145,7 @@ def report(graph: ir.Graph, network: GraphNetwork | None = None) -> Report:
         try:
             network = GraphNetwork(graph)
         except ir.ModelLoadError as exc:
-            error = str(exc).strip().splitlines()[0] if str(exc).strip() else "load error"
+            error = ir.first_line(exc)
     shapes = network.value_shapes if network is not None else {}
     kind = "layer" if graph.format == "caffe" else "node"
     lines = [f"model {graph.name} ({graph.format}): {graph.origin}"]

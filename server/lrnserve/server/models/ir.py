@@ -272,6 +272,12 @@ class Graph:
         return int(sum(array.size for array in self.constants.values() if array.dtype.kind == "f"))
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line, for one-line load errors."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 class ModelLoadError(ValueError):
     """A model file that cannot be served. The message is one line naming the file and the
     layer or node, fit to be the server's only output before it exits."""

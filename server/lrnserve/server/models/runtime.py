@@ -33,11 +33,6 @@ class _Planned:
     frees: tuple[str, ...]  # values no later node reads
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
 class GraphNetwork(nn.Module):
     """An imported model: one input, one output, nodes run in file order.
 
@@ -122,7 +117,7 @@ class GraphNetwork(nn.Module):
                 try:
                     constants[node.outputs[0]] = graph_ops.step_for(node.op, self._lrn_layer)(*args)
                 except Exception as exc:
-                    raise ir.ModelLoadError(f"{self._where(node)}: {_first_line(exc)}") from None
+                    raise ir.ModelLoadError(f"{self._where(node)}: {ir.first_line(exc)}") from None
             else:
                 remaining.append(node)
         return remaining
@@ -144,7 +139,7 @@ class GraphNetwork(nn.Module):
                     shown = ", ".join(str(list(a.shape)) for a in args if a is not None)
                     raise ir.ModelLoadError(
                         f"{self._where(node)}: fails on inputs of shape {shown} "
-                        f"(declared input {[batch, *self.input_shape]}): {_first_line(exc)}"
+                        f"(declared input {[batch, *self.input_shape]}): {ir.first_line(exc)}"
                     ) from None
                 values[node.outputs[0]] = out
                 shapes[node.outputs[0]] = tuple(out.shape)

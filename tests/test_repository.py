@@ -39,14 +39,14 @@ from onnx_files import single
 from lrnserve.client.pb import grpc_predict_v2_pb2 as pb
 from lrnserve.client.pb import health_pb2, health_pb2_grpc
 from lrnserve.server.catalog import read_model, select_versions
-from lrnserve.server.ops import local_response_norm
 from lrnserve.server.schema import ConfigError
 
 X = np.linspace(0.5, 2.0, 16, dtype=np.float32).reshape(1, 4, 2, 2)
 
 
 def expected(k: float, beta: float = 0.75) -> np.ndarray:
-    return local_response_norm(torch.from_numpy(X), 5, 1e-4, beta, k, "across").numpy()
+    """torch's own LRN (the same across-channel convention), not the op being served."""
+    return torch.nn.functional.local_response_norm(torch.from_numpy(X), 5, alpha=1e-4, beta=beta, k=k).numpy()
 
 
 def write(path: Path, text: str) -> Path:
@@ -270,16 +270,18 @@ def test_unload_lets_queued_requests_finish_first() -> None:
     with server, server.channel() as channel:
         probe = probes["lrn"]
         probe.gate.clear()  # the next batch waits inside the model
-        running = Worker(infer, channel, "lrn")
-        wait_until(probe.started.is_set, "a batch is running")
-        unload = pb.RepositoryModelUnloadRequest(model_name="lrn")
-        unloading = Worker(lambda: stub(channel).RepositoryModelUnload(unload, timeout=30))
-        wait_until(lambda: index(channel)[("lrn", "1")][0] == "UNLOADING", "unload began")
-        with pytest.raises(grpc.RpcError) as error:  # routing is gone at once...
-            infer(channel, "lrn")
-        assert error.value.code() == grpc.StatusCode.NOT_FOUND
-        assert running.thread.is_alive() and unloading.thread.is_alive()
-        probe.gate.set()  # ...while the running request still gets its answer
+        try:
+            running = Worker(infer, channel, "lrn")
+            wait_until(probe.started.is_set, "a batch is running")
+            unload = pb.RepositoryModelUnloadRequest(model_name="lrn")
+            unloading = Worker(lambda: stub(channel).RepositoryModelUnload(unload, timeout=30))
+            wait_until(lambda: index(channel)[("lrn", "1")][0] == "UNLOADING", "unload began")
+            with pytest.raises(grpc.RpcError) as error:  # routing is gone at once...
+                infer(channel, "lrn")
+            assert error.value.code() == grpc.StatusCode.NOT_FOUND
+            assert running.thread.is_alive() and unloading.thread.is_alive()
+        finally:
+            probe.gate.set()  # ...while the running request still gets its answer
         version, y = running.result()
         assert version == "1"
         np.testing.assert_allclose(y, expected(1.0), rtol=1e-6)

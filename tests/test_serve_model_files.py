@@ -251,16 +251,18 @@ def test_concurrent_sdk_callers_share_a_batch(
             errors.append(exc)
 
     first = threading.Thread(target=call, args=(0,))
+    others = [threading.Thread(target=call, args=(i,)) for i in (1, 2, 3)]
+    started = [first]
     try:
         first.start()
         assert servable.started.wait(30), "the first batch never started"
-        others = [threading.Thread(target=call, args=(i,)) for i in (1, 2, 3)]
         for thread in others:
             thread.start()
+            started.append(thread)
         wait_until(lambda: batcher.queue_depth == 3, "three requests queued behind the held batch", timeout=30)
     finally:
         servable.gate.set()
-    join_all([first, *others])
+        join_all(started)
     assert not errors, errors
     assert servable.batch_sizes == [1, 4]
     for index, x in enumerate(xs):

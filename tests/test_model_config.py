@@ -19,6 +19,7 @@ import grpc
 import pytest
 import torch
 from harness import ServerThread, settings, stub
+from test_repository import lrn_model
 
 from lrnserve.client.pb import grpc_predict_v2_pb2 as pb
 from lrnserve.server.configuration import describe
@@ -188,3 +189,41 @@ def test_preprocessed_inputs_report_what_the_client_sends() -> None:
         pb.ModelInput.FORMAT_NHWC,
         [32, 32, 3],
     )
+
+
+POLICIES = textwrap.dedent(
+    """
+    import json, sys
+    import tritonclient.grpc as grpcclient
+
+    target, out = sys.argv[1], sys.argv[2]
+    client = grpcclient.InferenceServerClient(target)
+    configs = {"picked_3": client.get_model_config("picked", "3", as_json=True)}
+    for name in ("picked", "every", "latest", "plain"):
+        configs[name] = client.get_model_config(name, as_json=True)
+    with open(out, "w") as fh:
+        json.dump({name: config["config"]["version_policy"] for name, config in configs.items()}, fh)
+    """
+)
+
+
+def test_repository_models_report_their_version_policy(tmp_path: Path) -> None:
+    """Triton's ModelVersionPolicy oneof, as config.toml states it; latest 1 without a policy."""
+    root = tmp_path / "models"
+    lrn_model(root, "picked", {1: 1.0, 2: 2.0, 3: 3.0}, 'version_policy = "specific"\nspecific = [3, 1]')
+    lrn_model(root, "every", {1: 1.0, 2: 2.0}, 'version_policy = "all"')
+    lrn_model(root, "latest", {1: 1.0, 2: 2.0, 3: 3.0}, "latest = 2")
+    lrn_model(root, "plain", {1: 1.0})
+    out = tmp_path / "policies.json"
+    with ServerThread(settings(model_repository=root)) as server:
+        result = subprocess.run(
+            [sys.executable, "-c", POLICIES, server.target, str(out)], capture_output=True, text=True, timeout=120
+        )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(out.read_text()) == {
+        "picked": {"specific": {"versions": ["1", "3"]}},  # int64: strings in JSON
+        "picked_3": {"specific": {"versions": ["1", "3"]}},
+        "every": {"all": {}},
+        "latest": {"latest": {"num_versions": 2}},
+        "plain": {"latest": {"num_versions": 1}},
+    }

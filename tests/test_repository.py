@@ -8,11 +8,16 @@ RepositoryIndex / RepositoryModelLoad (config= and files=) / RepositoryModelUnlo
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import re
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +43,10 @@ from onnx_files import single
 
 from lrnserve.client.pb import grpc_predict_v2_pb2 as pb
 from lrnserve.client.pb import health_pb2, health_pb2_grpc
-from lrnserve.server.catalog import read_model, select_versions
+from lrnserve.server.catalog import VersionPolicy, read_model, select_versions
 from lrnserve.server.schema import ConfigError
+from lrnserve.server.servables import LRNServable, Servable, create_servable
+from lrnserve.server.settings import ModelConfig
 
 X = np.linspace(0.5, 2.0, 16, dtype=np.float32).reshape(1, 4, 2, 2)
 
@@ -99,6 +106,16 @@ def test_version_policies_pick_versions() -> None:
         select_versions("x", {"version_policy": "specific", "specific": [9]}, [1, 2])
     with pytest.raises(ConfigError, match="version_policy"):
         select_versions("x", {"version_policy": "newest"}, [1])
+    with pytest.raises(ConfigError, match="specific: expected"):
+        select_versions("x", {"version_policy": "specific", "specific": [True]}, [1])
+
+
+def test_plans_carry_the_version_policy(repo: Path) -> None:
+    """What ModelConfig reports: the policy config.toml states, Triton's latest 1 without one."""
+    assert read_model("picked", repo / "picked").policy == VersionPolicy("specific", specific=(1, 3))
+    assert read_model("every", repo / "every").policy == VersionPolicy("all")
+    assert read_model("latest", repo / "latest").policy == VersionPolicy("latest", latest=2)
+    assert read_model("plain", repo / "plain").policy == VersionPolicy("latest", latest=1)
 
 
 def test_files_are_filled_in_from_the_version_folder(repo: Path) -> None:
@@ -239,7 +256,7 @@ def test_kserve_numbering_names_the_model_in_field_1(repo: Path) -> None:
 
 
 def test_configured_models_reload_and_unload_and_metrics_follow(repo: Path) -> None:
-    with ServerThread(settings(harness_lrn())) as server, server.channel() as channel:
+    with ServerThread(settings(harness_lrn(), model_control_mode="explicit")) as server, server.channel() as channel:
         assert index(channel)[("lrn", "1")] == ("READY", "")
         load = pb.RepositoryModelLoadRequest(model_name="lrn")
         load.parameters["config"].string_param = json.dumps({"k": 4.0})  # replaces the configured table
@@ -266,7 +283,7 @@ def test_configured_models_reload_and_unload_and_metrics_follow(repo: Path) -> N
 
 
 def test_unload_lets_queued_requests_finish_first() -> None:
-    server, probes = gated_server(settings(harness_lrn()))
+    server, probes = gated_server(settings(harness_lrn(), model_control_mode="explicit"))
     with server, server.channel() as channel:
         probe = probes["lrn"]
         probe.gate.clear()  # the next batch waits inside the model
@@ -308,3 +325,133 @@ def test_control_settings_from_flags_variables_and_file(repo: Path, tmp_path: Pa
         load_settings(env={**env, "LRNSERVE_MODEL_CONTROL_MODE": "sometimes"})
     with pytest.raises(ConfigError, match=r"LRNSERVE_MODEL_REPOSITORY.*does not exist"):
         load_settings(env={**env, "LRNSERVE_MODEL_REPOSITORY": str(tmp_path / "nowhere")})
+
+
+def refused(call: Any) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as error:
+        call()
+    return error.value
+
+
+@pytest.mark.parametrize(("mode", "use_repository"), [("none", True), ("poll", True), ("none", False)])
+def test_load_and_unload_are_refused_outside_explicit_mode(repo: Path, mode: str, use_repository: bool) -> None:
+    """Triton's rule: only explicit mode lets an operator load and unload; the index stays open."""
+    where = {"model_repository": repo} if use_repository else {}
+    config = settings(harness_lrn("plain"), model_control_mode=mode, **where)
+    with ServerThread(config) as server, server.channel() as channel:
+        load, unload = (
+            pb.RepositoryModelLoadRequest(model_name="plain"),
+            pb.RepositoryModelUnloadRequest(model_name="plain"),
+        )
+        calls = (
+            lambda: stub(channel).RepositoryModelLoad(load, timeout=10),
+            lambda: stub(channel).RepositoryModelUnload(unload, timeout=10),
+        )
+        for call in calls:
+            error = refused(call)
+            assert error.code() == grpc.StatusCode.UNAVAILABLE
+            details = str(error.details())
+            assert details.startswith("explicit model load / unload is not allowed") and f"'{mode}'" in details
+            assert "--model-control-mode explicit" in details
+        assert index(channel)[("plain", "1")] == ("READY", "")  # still served: nothing was unloaded
+        assert infer(channel, "plain")[0] == "1"
+
+
+class GatedLoad(LRNServable):
+    """An LRN model whose load waits until ``gate`` opens: the slow model of a repository."""
+
+    def __init__(self, config: ModelConfig, gate: threading.Event) -> None:
+        super().__init__(config)
+        self._gate = gate
+
+    def load(self, device: torch.device) -> str:
+        assert self._gate.wait(timeout=60), "the test never let the slow model load"
+        return super().load(device)
+
+
+class StartingServer(ServerThread):
+    """A ServerThread whose start-up is left running, for a test to watch models load."""
+
+    def begin(self) -> Future[None]:
+        self._thread.start()
+        return asyncio.run_coroutine_threadsafe(self.server.start(), self.loop)
+
+
+def index_now(channel: grpc.Channel) -> dict[tuple[str, str], tuple[str, str]]:
+    """The index, or nothing while the server does not answer yet."""
+    try:
+        return index(channel)
+    except grpc.RpcError:
+        return {}
+
+
+@pytest.mark.parametrize("mode", ["none", "explicit"])
+def test_a_slow_model_does_not_delay_the_others_at_start(tmp_path: Path, mode: str) -> None:
+    root = tmp_path / "models"
+    lrn_model(root, "a_slow", {1: 1.0})  # first by name: loaded one after another, it would hold up the rest
+    lrn_model(root, "b_fast", {1: 2.0})
+    gate = threading.Event()
+
+    def servables(config: ModelConfig) -> Servable:
+        return GatedLoad(config, gate) if config.name == "a_slow" else create_servable(config)
+
+    config = settings(model_repository=root, model_control_mode=mode, load_model=("a_slow", "b_fast"))
+    server = StartingServer(config, servables=servables)
+    try:
+        starting = server.begin()
+        wait_until(lambda: server.server.grpc_port, "the server listens")
+        with server.channel() as channel:
+
+            def fast_ready() -> bool:
+                return index_now(channel).get(("b_fast", "1"), ("",))[0] == "READY"
+
+            wait_until(fast_ready, "b_fast ready while a_slow still loads", timeout=30)
+            assert index(channel)[("a_slow", "1")][0] == "LOADING"
+            np.testing.assert_allclose(infer(channel, "b_fast")[1], expected(2.0), rtol=1e-6)
+            assert not starting.done()
+            gate.set()
+            starting.result(timeout=60)
+            assert index(channel)[("a_slow", "1")] == ("READY", "")
+            np.testing.assert_allclose(infer(channel, "a_slow")[1], expected(1.0), rtol=1e-6)
+    finally:
+        gate.set()
+        server.stop()
+
+
+def statistics(channel: grpc.Channel, name: str = "", version: str = "") -> dict[tuple[str, str], Any]:
+    request = pb.ModelStatisticsRequest(name=name, version=version)
+    return {(s.name, s.version): s for s in stub(channel).ModelStatistics(request, timeout=10).model_stats}
+
+
+def test_statistics_count_each_served_version_apart(repo: Path) -> None:
+    with ServerThread(settings(model_repository=repo)) as server, server.channel() as channel:
+        for version in ("1", "1", "2", "2", "2", ""):  # "" goes to the newest, 2
+            infer(channel, "every", version)
+        bad = infer_request("every", X, {"alpha": -1.0})
+        bad.model_version = "1"
+        assert refused(lambda: stub(channel).ModelInfer(bad, timeout=10)).code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert refused(lambda: infer(channel, "every", "7")).code() == grpc.StatusCode.NOT_FOUND  # no version's
+
+        every = statistics(channel, "every")
+        assert list(every) == [("every", "1"), ("every", "2")]
+        counts = {v: (s.inference_stats.success.count, s.inference_stats.fail.count) for (_, v), s in every.items()}
+        assert counts == {"1": (2, 1), "2": (4, 0)}
+        assert (every["every", "1"].inference_count, every["every", "2"].inference_count) == (2, 4)
+        assert (every["every", "1"].execution_count, every["every", "2"].execution_count) == (2, 4)
+
+        (one,) = statistics(channel, "every", "1").values()  # a version named: that version's alone
+        assert (one.version, one.inference_stats.success.count) == ("1", 2)
+        served = set(statistics(channel))
+        assert {("latest", "2"), ("latest", "3"), ("picked", "1"), ("picked", "3"), ("every", "1")} <= served
+        assert ("latest", "1") not in served and not any(name == "broken" for name, _ in served)
+        assert refused(lambda: statistics(channel, "every", "7")).code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_unload_logs_the_memory_it_gave_back(caplog: pytest.LogCaptureFixture) -> None:
+    config = settings(harness_lrn(), model_control_mode="explicit")
+    with caplog.at_level(logging.INFO, logger="lrnserve.server.control"):
+        with ServerThread(config) as server, server.channel() as channel:
+            stub(channel).RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="lrn"), timeout=30)
+        lines = [r.getMessage() for r in caplog.records if r.name == "lrnserve.server.control"]
+    unloaded = [line for line in lines if "unloaded" in line]
+    assert len(unloaded) == 1 and re.fullmatch(r"model lrn unloaded; RSS \d+ MiB -> \d+ MiB", unloaded[0]), lines

@@ -42,13 +42,26 @@ WEIGHT_FILES = ("model.caffemodel", "model.safetensors", "model.pt", "model.pth"
 
 
 @dataclass(frozen=True)
+class VersionPolicy:
+    """Which of a folder's versions are served (Triton's ModelVersionPolicy); ModelConfig reports it."""
+
+    kind: str = "latest"  # latest | all | specific
+    latest: int = 1  # kind latest: how many of the newest
+    specific: tuple[int, ...] = ()  # kind specific: the versions, ascending
+
+
+LATEST_ONE = VersionPolicy()  # Triton's default, and a configured model's
+
+
+@dataclass(frozen=True)
 class Plan:
-    """What one model folder serves: a config per selected version, and a fingerprint of each
-    version's files (a change means reload)."""
+    """What one model folder serves: a config per selected version, a fingerprint of each
+    version's files (a change means reload), and the policy that selected the versions."""
 
     name: str
     configs: Mapping[str, ModelConfig]
     fingerprints: Mapping[str, str]
+    policy: VersionPolicy = LATEST_ONE
 
 
 def model_folders(root: Path) -> dict[str, Path]:
@@ -70,9 +83,9 @@ def read_model(name: str, folder: Path, override: Mapping[str, Any] | None = Non
             raise ConfigError(f"{where}: invalid TOML: {exc}") from None
     else:
         table = {}
-    policy = {key: table.pop(key) for key in POLICY_KEYS if key in table}
+    policy = version_policy(where, {key: table.pop(key) for key in POLICY_KEYS if key in table})
     available = sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
-    versions = select_versions(where, policy, available or [1])
+    versions = _select(where, policy, available or [1])
     kind = str(table.get("kind", name))
     if "labels" not in table and (folder / LABELS_FILE).is_file() and kind in MODEL_GROUPS["network"]:
         table["labels"] = LABELS_FILE
@@ -89,28 +102,45 @@ def read_model(name: str, folder: Path, override: Mapping[str, Any] | None = Non
         except ConfigError as exc:
             raise ConfigError(f"{where} (version {version}): {exc}") from None
         fingerprints[str(version)] = _fingerprint(folder, version_dir, override)
-    return Plan(name, configs, fingerprints)
+    return Plan(name, configs, fingerprints, policy)
 
 
-def select_versions(where: str, policy: Mapping[str, Any], available: list[int]) -> list[int]:
-    """The versions a policy selects of those on disk (newest last)."""
-    kind = policy.get("version_policy", "latest")
+def version_policy(where: str, keys: Mapping[str, Any]) -> VersionPolicy:
+    """The policy config.toml's ``version_policy``/``latest``/``specific`` keys describe."""
+    kind = keys.get("version_policy", "latest")
     if kind == "latest":
-        latest = policy.get("latest", 1)
+        latest = keys.get("latest", 1)
         if isinstance(latest, bool) or not isinstance(latest, int) or latest < 1:
             raise ConfigError(f"{where}: latest: expected an integer >= 1, got {latest!r}")
-        return available[-latest:]
+        return VersionPolicy("latest", latest=latest)
     if kind == "all":
-        return available
+        return VersionPolicy("all")
     if kind == "specific":
-        wanted = policy.get("specific")
-        if not isinstance(wanted, list) or not wanted or not all(isinstance(v, int) for v in wanted):
+        wanted = keys.get("specific")
+        if not isinstance(wanted, list) or not wanted or not all(_is_version(v) for v in wanted):
             raise ConfigError(f"{where}: specific: expected a non-empty list of version numbers, got {wanted!r}")
-        missing = sorted(set(wanted) - set(available))
-        if missing:
-            raise ConfigError(f"{where}: specific: no version folder {missing}; folders: {available}")
-        return sorted(set(wanted))
+        return VersionPolicy("specific", specific=tuple(sorted(set(wanted))))
     raise ConfigError(f"{where}: version_policy: expected latest, all or specific, got {kind!r}")
+
+
+def _is_version(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def select_versions(where: str, keys: Mapping[str, Any], available: list[int]) -> list[int]:
+    """The versions the policy ``keys`` select of those on disk (newest last)."""
+    return _select(where, version_policy(where, keys), available)
+
+
+def _select(where: str, policy: VersionPolicy, available: list[int]) -> list[int]:
+    if policy.kind == "latest":
+        return available[-policy.latest :]
+    if policy.kind == "all":
+        return available
+    missing = sorted(set(policy.specific) - set(available))
+    if missing:
+        raise ConfigError(f"{where}: specific: no version folder {missing}; folders: {available}")
+    return list(policy.specific)
 
 
 def _version_table(version_dir: Path) -> dict[str, Any]:

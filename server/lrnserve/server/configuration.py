@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from .catalog import VersionPolicy
 from .errors import Unavailable
 from .repository import ServedModel
 
@@ -39,7 +40,7 @@ class ModelConfiguration:
     instance_count: int
     instance_kind: str  # CPU | GPU
     gpus: tuple[int, ...]
-    latest_versions: int
+    version_policy: VersionPolicy  # the repository folder's; latest 1 for a configured model
     parameters: Mapping[str, str]
 
 
@@ -68,7 +69,7 @@ def describe(model: ServedModel) -> ModelConfiguration:
         instance_count=executor.instances,
         instance_kind="GPU" if gpu else "CPU",
         gpus=(model.device.index or 0,) if gpu else (),
-        latest_versions=1,
+        version_policy=model.policy,
         parameters=_parameters(model),
     )
 

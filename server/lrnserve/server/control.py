@@ -3,8 +3,10 @@
 Triton's modes: ``none`` loads every folder of the repository at start; ``explicit`` loads only
 ``load_model`` names and what RepositoryModelLoad asks for; ``poll`` also rescans the folder
 every ``repository_poll_secs`` and loads new, reloads changed and unloads removed models.
-Without a repository the configured models (``[models]`` or the embedded default) are the
-ones that can be reloaded or unloaded.
+RepositoryModelLoad/Unload are refused (UNAVAILABLE, as Triton) except in ``explicit`` mode.
+At start the folders load concurrently (``START_LOADS`` at once), so one slow model does not
+keep the others from serving. Without a repository the configured models (``[models]`` or the
+embedded default) are the ones that can be reloaded or unloaded.
 
 Every change is atomic for callers: the new instances are built first (in a worker thread; the
 event loop keeps serving), then ``ModelRepository.swap`` routes to them at once; requests
@@ -19,6 +21,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import shutil
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -28,7 +31,7 @@ from typing import Any
 from lrnserve.client.allocator import release_freed_memory
 
 from .catalog import Plan, model_folders, read_model, write_files
-from .errors import InvalidArgument, NotFound, ServingError
+from .errors import InvalidArgument, NotFound, ServingError, Unavailable
 from .models.ir import ModelLoadError
 from .repository import ModelRepository, ServedModel
 from .schema import ConfigError
@@ -39,6 +42,10 @@ logger = logging.getLogger(__name__)
 
 READY, LOADING, UNLOADING, UNAVAILABLE = "READY", "LOADING", "UNLOADING", "UNAVAILABLE"
 HealthSetter = Callable[[str, bool], Awaitable[None]]
+# Models loaded at once at start: each load is mostly one worker thread, so about a core each;
+# at least two, so that one slow load (a big file, a device copy) never holds back all the rest.
+START_LOADS = max(2, min(4, os.cpu_count() or 1))
+MIB = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -94,17 +101,30 @@ class ModelControl:
             return
         folders = await asyncio.to_thread(model_folders, self.root)
         names = list(folders) if self.mode != "explicit" else list(self._settings.load_model)
-        for name in names:
-            try:
-                await self.load(name, force=False)
-            except ServingError as exc:
-                if isinstance(exc, NotFound):  # --load-model naming no folder
-                    logger.error("model %s: %s", name, exc.message)
-                    self._failed(name, exc.message)
-                if self.mode == "none" and self._settings.strict_model_config:
-                    raise ConfigError(f"strict_model_config: {exc.message}") from None
+        failures = await self._load_at_start(names)
+        if failures and self.mode == "none" and self._settings.strict_model_config:
+            raise ConfigError(f"strict_model_config: {'; '.join(failures)}")
         if self.mode == "poll":
             self._poller = asyncio.create_task(self._poll())
+
+    async def _load_at_start(self, names: list[str]) -> list[str]:
+        """Load ``names`` concurrently, ``START_LOADS`` at a time; each failure is reported
+        (index, log, health) and returned, in ``names`` order."""
+        limit = asyncio.Semaphore(START_LOADS)
+
+        async def load_one(name: str) -> str | None:
+            async with limit:
+                try:
+                    await self.load(name, force=False)
+                except ServingError as exc:
+                    if isinstance(exc, NotFound):  # --load-model naming no folder
+                        logger.error("model %s: %s", name, exc.message)
+                        self._failed(name, exc.message)
+                    return exc.message
+            return None
+
+        results = await asyncio.gather(*(load_one(name) for name in names))
+        return [reason for reason in results if reason is not None]
 
     async def stop(self) -> None:
         self._stopping = True
@@ -130,6 +150,17 @@ class ModelControl:
         return [e for e in entries if e.state == READY] if ready_only else entries
 
     # ---- load and unload ----
+
+    def check_explicit(self) -> None:
+        """RepositoryModelLoad/Unload are the operator's only in explicit mode (as Triton): in
+        none the repository is what start-up loaded, in poll the folder decides."""
+        if self.mode == "explicit":
+            return
+        why = " (polling is enabled)" if self.mode == "poll" else ""
+        raise Unavailable(
+            f"explicit model load / unload is not allowed in model control mode '{self.mode}'{why}; "
+            "start the server with --model-control-mode explicit to load and unload models"
+        )
 
     async def load(
         self,
@@ -158,6 +189,7 @@ class ModelControl:
                 if name in self._states or name in self._static or self._on_disk(name):
                     return  # not loaded: nothing to do (as Triton)
                 raise NotFound(f"model '{name}' is not in the repository")
+            before = _rss_bytes()
             for version in self.repository.versions(name):
                 self._set(name, version, UNLOADING)
             retired = self.repository.swap(name, {})
@@ -168,7 +200,7 @@ class ModelControl:
             self._overrides.pop(name, None)
             if folder is not None:
                 shutil.rmtree(folder, ignore_errors=True)
-            logger.info("model %s unloaded", name)
+            logger.info("model %s unloaded; RSS %s -> %s", name, _mib(before), _mib(_rss_bytes()))
 
     async def _plan(self, name: str, config: Mapping[str, Any] | None, files: Mapping[str, bytes] | None) -> Plan:
         if files:
@@ -212,7 +244,7 @@ class ModelControl:
             if version not in current:
                 self._set(name, version, LOADING)
             try:
-                model = await self.repository.build(config, version)
+                model = await self.repository.build(config, version, plan.policy)
             except Exception as exc:  # any load failure is reported, never fatal
                 reason = str(exc) if isinstance(exc, (ConfigError, ModelLoadError, OSError)) else repr(exc)
                 logger.error("model %s version %s: failed to load: %s", name, version, reason)
@@ -328,3 +360,19 @@ class ModelControl:
 def _free_memory() -> None:
     gc.collect()
     release_freed_memory()
+
+
+def _rss_bytes() -> int | None:
+    """This process's resident memory (VmRSS), None where /proc is not Linux's."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _mib(nbytes: int | None) -> str:
+    return "unknown" if nbytes is None else f"{nbytes / MIB:.0f} MiB"

@@ -126,6 +126,8 @@ class DataPlane:
 
     async def load_model(self, name: str, config: str | None, files: Mapping[str, bytes]) -> None:
         """RepositoryModelLoad: ``config`` is JSON with config.toml's keys (it replaces config.toml)."""
+        control = self._control()
+        control.check_explicit()
         if not name:
             raise InvalidArgument("model_name: give the model to load")
         table = None
@@ -138,20 +140,29 @@ class DataPlane:
                 raise InvalidArgument("parameters.config: expected a JSON object of config.toml keys")
         if self.draining:
             raise Unavailable("server is shutting down")
-        await self._control().load(name, table, files)
+        await control.load(name, table, files)
 
     async def unload_model(self, name: str) -> None:
+        control = self._control()
+        control.check_explicit()
         if not name:
             raise InvalidArgument("model_name: give the model to unload")
-        await self._control().unload(name)
+        await control.unload(name)
 
     def model_config(self, name: str, version: str) -> ModelConfiguration:
         return describe(self.repository.get(name, version))
 
-    def statistics(self, name: str, version: str) -> list[tuple[str, ModelStatistics]]:
-        """One model's statistics, or every model's when ``name`` is empty."""
-        names = [self.repository.get(name, version).name] if name else self.repository.names()
-        return [(n, self.telemetry.statistics(n)) for n in names]
+    def statistics(self, name: str, version: str) -> list[tuple[str, str, ModelStatistics]]:
+        """(model, version, statistics) of each version served: of one model (one version when
+        ``version`` names it), or of every model when ``name`` is empty; oldest version first."""
+        if not name:
+            served = [(n, v) for n in self.repository.names() for v in self.repository.versions(n)]
+        elif version:
+            served = [(name, self.repository.get(name, version).version)]
+        else:
+            self.repository.get(name)  # NOT_FOUND for a model not served
+            served = [(name, v) for v in self.repository.versions(name)]
+        return [(n, v, self.telemetry.statistics(n, v)) for n, v in served]
 
     @staticmethod
     def _servable(model: ServedModel) -> Servable:
@@ -167,8 +178,10 @@ class DataPlane:
         self.telemetry.request_started()
         code = grpc.StatusCode.OK
         lease = request.lease or self.budget.lease()  # in-process callers have no transport's lease
+        routed: str | None = None  # the version whose statistics count this request
         try:
             model = self._route(request)
+            routed = model.version
             assert model.servable is not None and model.batcher is not None  # ready
             if lease.refused:
                 raise self._busy(lease.refused)
@@ -184,7 +197,7 @@ class DataPlane:
         finally:
             if request.lease is None:
                 lease.release()
-            self.telemetry.request_finished(request.model, code, time.monotonic() - arrival)
+            self.telemetry.request_finished(request.model, code, time.monotonic() - arrival, routed)
 
     def _limits_of(self, model: ServedModel) -> Limits:
         samples = model.config.batching.max_request_samples

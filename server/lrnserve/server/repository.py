@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .batching import Batcher
+from .catalog import LATEST_ONE, VersionPolicy
 from .errors import NotFound
 from .executor import Executor
 from .schema import ConfigError
@@ -63,6 +65,7 @@ class ServedModel:
     ready: bool = False
     load_seconds: float = 0.0
     version: str = "1"
+    policy: VersionPolicy = LATEST_ONE  # the repository folder's version policy
 
     @property
     def name(self) -> str:
@@ -88,6 +91,11 @@ class ModelRepository:
         self._server_device = server_device
         self._stopping = False
         self._retiring: set[asyncio.Task[None]] = set()
+        # Loads run in worker threads, several at once (model control). Making a servable draws
+        # from torch's global RNG under a fixed seed, and an executor sets torch's process-wide
+        # thread count for a moment: one thread at a time does those; the heavy part of a load
+        # (moving weights, prepacking, the warm-up run) runs concurrently.
+        self._construct = threading.Lock()
 
     def names(self) -> list[str]:
         return list(self._models)
@@ -117,18 +125,18 @@ class ModelRepository:
     def all_ready(self) -> bool:
         return all(m.ready for m in self.models())
 
-    async def build(self, config: ModelConfig, version: str) -> ServedModel:
+    async def build(self, config: ModelConfig, version: str, policy: VersionPolicy = LATEST_ONE) -> ServedModel:
         """A new, started instance of ``config`` that nothing routes to yet (``swap`` does);
         loads in a worker thread, so the event loop keeps serving. Raises what the load raised."""
         device = resolve_device(config.device, self._server_device)
-        model = ServedModel(config, device, version=version)
-        self._telemetry.add_model(config.name, device, config.batching.max_queue_size)
+        model = ServedModel(config, device, version=version, policy=policy)
+        self._telemetry.add_model(config.name, device, config.batching.max_queue_size, version)
         loop = asyncio.get_running_loop()
         start = time.perf_counter()
         servable, description, executor = await loop.run_in_executor(None, self._build, model)
         model.load_seconds = time.perf_counter() - start
         model.servable, model.executor = servable, executor
-        model.batcher = Batcher(model.name, executor, config.batching, self._telemetry.model(model.name))
+        model.batcher = Batcher(model.name, executor, config.batching, self._telemetry.model(model.name, version))
         model.batcher.start()
         model.ready = True
         logger.info(
@@ -140,7 +148,9 @@ class ModelRepository:
 
     def _build(self, model: ServedModel) -> tuple[Servable, str, Executor]:
         servable, description = self._load(model)
-        return servable, description, Executor(servable, model.device, model.config.instances, model.config.threads)
+        with self._construct:
+            executor = Executor(servable, model.device, model.config.instances, model.config.threads)
+        return servable, description, executor
 
     def swap(self, name: str, versions: Mapping[str, ServedModel]) -> list[ServedModel]:
         """Route ``name`` to exactly ``versions`` (empty: the model is gone) at once; returns
@@ -196,7 +206,8 @@ class ModelRepository:
             executor = Executor(servable, model.device, model.config.instances, model.config.threads)
             model.servable = servable
             model.executor = executor
-            model.batcher = Batcher(model.name, executor, model.config.batching, self._telemetry.model(model.name))
+            telemetry = self._telemetry.model(model.name, model.version)
+            model.batcher = Batcher(model.name, executor, model.config.batching, telemetry)
             model.batcher.start()
             model.ready = True
             b = model.config.batching
@@ -217,7 +228,8 @@ class ModelRepository:
             self._telemetry.model_loaded(model.name, model.load_seconds)
 
     def _load(self, model: ServedModel) -> tuple[Servable, str]:
-        servable = self._servables(model.config)
+        with self._construct:
+            servable = self._servables(model.config)
         return servable, servable.load(model.device)
 
     def close(self) -> None:

@@ -1,4 +1,4 @@
-"""Cumulative per-model statistics for the protocol's ModelStatistics RPC (Triton's semantics).
+"""Cumulative per-model-version statistics for the protocol's ModelStatistics RPC (Triton's semantics).
 
 Counted on the event loop thread only, so no locking. Definitions, shared with
 the Prometheus metrics so that the two agree:
@@ -40,27 +40,30 @@ class ModelStatistics:
 
 
 class StatisticsStore:
-    """Every served model's statistics; unknown model names are ignored (never a new entry)."""
+    """Every served model version's statistics, by (model, version): Triton reports each version
+    apart. Unknown pairs are ignored when recording (never a new entry)."""
 
     def __init__(self, models: list[str]) -> None:
-        self._models = {name: ModelStatistics() for name in models}
+        self._models = {(name, "1"): ModelStatistics() for name in models}
 
-    def get(self, model: str) -> ModelStatistics:
-        return self._models[model]
+    def get(self, model: str, version: str) -> ModelStatistics:
+        """The version's statistics; all zero for one that never served."""
+        return self._models.get((model, version)) or ModelStatistics()
 
-    def add(self, model: str) -> None:
-        """A model that began to be served after start-up (model control)."""
-        self._models.setdefault(model, ModelStatistics())
+    def add(self, model: str, version: str) -> None:
+        """A model version that began to be served after start-up (model control); a version
+        served again keeps counting from where it was."""
+        self._models.setdefault((model, version), ModelStatistics())
 
-    def record_request(self, model: str, ok: bool, seconds: float) -> None:
-        stats = self._models.get(model)
+    def record_request(self, model: str, version: str, ok: bool, seconds: float) -> None:
+        stats = self._models.get((model, version))
         if stats is None:
             return
         (stats.success if ok else stats.fail).add(seconds)
         stats.last_inference_ms = int(time.time() * 1000)
 
-    def record_batch(self, model: str, record: BatchRecord) -> None:
-        stats = self._models.get(model)
+    def record_batch(self, model: str, version: str, record: BatchRecord) -> None:
+        stats = self._models.get((model, version))
         if stats is None or record.failed:
             return
         stats.execution_count += 1

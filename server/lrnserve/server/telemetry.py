@@ -23,15 +23,17 @@ UNKNOWN_MODEL = "_unknown"
 
 
 class ModelTelemetry:
-    """What one model's batcher reports (its ``BatchObserver``)."""
+    """What one model version's batcher reports (its ``BatchObserver``): statistics per version,
+    Prometheus series per model."""
 
-    def __init__(self, name: str, statistics: StatisticsStore, metrics: Metrics | None) -> None:
+    def __init__(self, name: str, version: str, statistics: StatisticsStore, metrics: Metrics | None) -> None:
         self.name = name
+        self.version = version
         self._statistics = statistics
         self._metrics = metrics
 
     def batch_finished(self, record: BatchRecord) -> None:
-        self._statistics.record_batch(self.name, record)
+        self._statistics.record_batch(self.name, self.version, record)
         if self._metrics is not None:
             self._metrics.record_batch(self.name, record)
 
@@ -48,43 +50,48 @@ class Telemetry:
     """The server's observations: request outcomes, batches, loads, refused tokens.
 
     Contract: called on the event loop thread (statistics take no lock), except
-    ``calls_in_progress``; ``served`` is fixed at start-up.
+    ``calls_in_progress``; ``served`` are the models at start-up (version 1 each), ``add_model``
+    adds model versions later.
     """
 
     def __init__(self, served: Iterable[str], metrics: Metrics | None) -> None:
-        self._served = list(served)
-        self._statistics = StatisticsStore(self._served)
+        names = list(served)
+        self._names = set(names)  # the model labels of the Prometheus series
+        self._statistics = StatisticsStore(names)
         self.metrics = metrics
-        self._models = {name: ModelTelemetry(name, self._statistics, metrics) for name in self._served}
+        self._models = {(name, "1"): ModelTelemetry(name, "1", self._statistics, metrics) for name in names}
 
-    def model(self, name: str) -> ModelTelemetry:
-        return self._models[name]
+    def model(self, name: str, version: str = "1") -> ModelTelemetry:
+        return self._models[(name, version)]
 
-    def add_model(self, name: str, device: torch.device, queue_capacity: int) -> None:
-        """A model loaded while serving (model control): its statistics and series from now on."""
-        if name in self._models:
+    def add_model(self, name: str, device: torch.device, queue_capacity: int, version: str = "1") -> None:
+        """A model version loaded while serving (model control): its statistics and series from now on."""
+        if (name, version) in self._models:
             return
-        self._served.append(name)
-        self._statistics.add(name)
-        if self.metrics is not None:
+        self._statistics.add(name, version)
+        if self.metrics is not None and name not in self._names:
             self.metrics.add_model(name, device, queue_capacity)
-        self._models[name] = ModelTelemetry(name, self._statistics, self.metrics)
+        self._names.add(name)
+        self._models[(name, version)] = ModelTelemetry(name, version, self._statistics, self.metrics)
 
     def model_state(self, model: str, version: str, state: str, failed: bool = False) -> None:
         """A model version's state changed (READY, UNAVAILABLE, UNLOADING, ...); ``failed``: a load failed."""
         if self.metrics is not None:
             self.metrics.record_model_state(model, version, state, failed)
 
-    def statistics(self, name: str) -> ModelStatistics:
-        return self._statistics.get(name)
+    def statistics(self, name: str, version: str) -> ModelStatistics:
+        return self._statistics.get(name, version)
 
     def request_started(self) -> None:
         if self.metrics is not None:
             self.metrics.inflight.inc()
 
-    def request_finished(self, model: str, code: grpc.StatusCode, seconds: float) -> None:
-        label = model if model in self._models else UNKNOWN_MODEL
-        self._statistics.record_request(label, code == grpc.StatusCode.OK, seconds)
+    def request_finished(self, model: str, code: grpc.StatusCode, seconds: float, version: str | None = None) -> None:
+        """A request ended; ``version``: the one routed to (None when routing failed: counted in
+        the metrics only, as no version's statistics)."""
+        label = model if model in self._names else UNKNOWN_MODEL
+        if version is not None:
+            self._statistics.record_request(label, version, code == grpc.StatusCode.OK, seconds)
         if self.metrics is not None:
             self.metrics.inflight.dec()
             self.metrics.record_request(label, code.name, seconds)

@@ -14,6 +14,7 @@ import numpy as np
 from lrnserve.client.pb import grpc_predict_v2_pb2 as pb
 from lrnserve.client.protocol import CONTENTS_FIELDS  # typed contents fields -> numpy type of their values
 
+from ..catalog import VersionPolicy
 from ..configuration import ModelConfiguration, TensorConfig
 from ..inference import (
     InferenceRequest,
@@ -118,6 +119,15 @@ def _output_to_proto(tensor: TensorConfig) -> pb.ModelOutput:
     )
 
 
+def _version_policy_to_proto(policy: VersionPolicy) -> pb.ModelVersionPolicy:
+    """Triton's oneof: latest {num_versions}, all {}, or specific {versions}."""
+    if policy.kind == "all":
+        return pb.ModelVersionPolicy(all=pb.ModelVersionPolicy.All())
+    if policy.kind == "specific":
+        return pb.ModelVersionPolicy(specific=pb.ModelVersionPolicy.Specific(versions=policy.specific))
+    return pb.ModelVersionPolicy(latest=pb.ModelVersionPolicy.Latest(num_versions=policy.latest))
+
+
 def model_config_to_proto(config: ModelConfiguration) -> pb.ModelConfigResponse:
     message = pb.ModelConfig(
         name=config.name,
@@ -138,7 +148,7 @@ def model_config_to_proto(config: ModelConfiguration) -> pb.ModelConfigResponse:
                 gpus=config.gpus,
             )
         ],
-        version_policy=pb.ModelVersionPolicy(latest=pb.ModelVersionPolicy.Latest(num_versions=config.latest_versions)),
+        version_policy=_version_policy_to_proto(config.version_policy),
         parameters={key: pb.ModelParameter(string_value=value) for key, value in config.parameters.items()},
     )
     return pb.ModelConfigResponse(config=message)
@@ -152,12 +162,12 @@ def _duration(d: Duration) -> pb.StatisticDuration:
     return pb.StatisticDuration(count=d.count, ns=d.ns)
 
 
-def statistics_to_proto(models: list[tuple[str, ModelStatistics]]) -> pb.ModelStatisticsResponse:
+def statistics_to_proto(models: list[tuple[str, str, ModelStatistics]]) -> pb.ModelStatisticsResponse:
     response = pb.ModelStatisticsResponse()
-    for name, stats in models:
+    for name, version, stats in models:
         entry = response.model_stats.add(
             name=name,
-            version="1",
+            version=version,
             last_inference=stats.last_inference_ms,
             inference_count=stats.inference_count,
             execution_count=stats.execution_count,

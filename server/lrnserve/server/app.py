@@ -32,6 +32,7 @@ from .telemetry import Telemetry
 from .transport.auth import TokenAuth
 from .transport.calls import CallTracker
 from .transport.health import HealthService
+from .transport.receiving import ReceiveSlots
 from .transport.service import Guarded, InferenceService, quiet_departures
 from .transport.wire import add_inference_service
 
@@ -111,6 +112,7 @@ class LrnServer:
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._calls: CallTracker | None = None
+        self.receive_slots: ReceiveSlots | None = None
         self._metrics_http: tuple[WSGIServer, threading.Thread] | None = None
         self._stopped = asyncio.Event()
         self.drained = True
@@ -140,12 +142,14 @@ class LrnServer:
         server = grpc.aio.server(
             interceptors=interceptors,
             options=grpc_options(self.settings),
-            # Each call being received may hold up to max_message_bytes before anything judges
-            # it: this caps that part of the memory (README, "Memory").
+            # Calls waiting for a receive slot hold their stream's flow-control window each:
+            # this caps that part of the memory (README, "Memory").
             maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs,
         )
+        slots = ReceiveSlots(self.settings.max_concurrent_receives, self.settings.receive_timeout_seconds)
+        self.receive_slots = slots
         self._calls = add_inference_service(
-            server, Guarded(InferenceService(self.dataplane)), self.dataplane.budget, self._calls_changed
+            server, Guarded(InferenceService(self.dataplane)), self.dataplane.budget, slots, self._calls_changed
         )
         health_pb2_grpc.add_HealthServicer_to_server(Guarded(self.health), server)  # type: ignore[arg-type]
         reflection.enable_server_reflection((INFERENCE_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server)

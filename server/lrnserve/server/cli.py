@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lrnserve.client.allocator import keep_freed_memory
+from lrnserve.client.allocator import keep_freed_memory, limit_arenas
 from lrnserve.client.cli import Parser
 
 from . import eventloop
@@ -103,6 +103,8 @@ def serve(settings: ServerSettings, servables: ServableFactory = create_servable
     )
     if keep_freed_memory(settings.allocator_cache_bytes):
         logger.info("C heap keeps up to %d MiB of freed buffers for reuse", settings.allocator_cache_bytes >> 20)
+    if limit_arenas(settings.allocator_arenas):
+        logger.debug("threads share at most %d C heaps", settings.allocator_arenas)
     try:
         code = eventloop.run(_serve(settings, servables))
     except ConfigError as exc:

@@ -235,17 +235,29 @@ class ServerSettings:
         "bytes held for requests in flight: each one's message from receipt and three times its output, "
         "until its answer is sent; beyond it RESOURCE_EXHAUSTED",
     )
-    max_concurrent_rpcs: int = setting(
-        128,
+    max_concurrent_rpcs: int = setting(128, Integer(1, 1_000_000), "calls served at once; beyond it RESOURCE_EXHAUSTED")
+    max_concurrent_receives: int = setting(
+        8,
         Integer(1, 1_000_000),
-        "calls served at once (each may hold up to max_message_bytes while its message arrives); "
-        "beyond it RESOURCE_EXHAUSTED",
+        "ModelInfer messages received at once (each holds up to twice max_message_bytes while it arrives); "
+        "other calls wait, flow control holding their bytes back",
+    )
+    receive_timeout_seconds: float = setting(
+        30.0,
+        Number(0.001),
+        "a ModelInfer message must arrive within this once its receipt began; else DEADLINE_EXCEEDED",
     )
     idle_trim_seconds: float = setting(
         1.0, Number(0.0), "give freed heap memory back to the kernel once no call was in progress this long; 0: never"
     )
     allocator_cache_bytes: int = setting(
         DEFAULT_CACHE_BYTES, Integer(0, 2**62), "freed memory the C heap may keep for reuse; 0: glibc's default"
+    )
+    allocator_arenas: int = setting(
+        2,
+        Integer(0, 1024),
+        "C heaps the server's threads share (glibc's M_ARENA_MAX): fewer keep less memory after floods; "
+        "0: glibc's default, 8 per core",
     )
     tls_cert: Path | None = setting(None, File(), "serve gRPC over TLS with this certificate chain...")
     tls_key: Path | None = setting(None, File(), "...and this private key")

@@ -27,6 +27,7 @@ from lrnserve.client.pb import grpc_predict_v2_pb2_grpc as pb_grpc
 
 from ..admission import Budget
 from .calls import CallTracker, current_call
+from .receiving import ReceiveSlots
 
 RAW_INPUT_FIELD = pb.ModelInferRequest.RAW_INPUT_CONTENTS_FIELD_NUMBER
 RAW_OUTPUT_FIELD = pb.ModelInferResponse.RAW_OUTPUT_CONTENTS_FIELD_NUMBER
@@ -165,18 +166,23 @@ class _Recorder:
 
 
 def add_inference_service(
-    server: grpc.aio.Server, servicer: Any, budget: Budget, on_calls: Callable[[int], None] | None = None
+    server: grpc.aio.Server,
+    servicer: Any,
+    budget: Budget,
+    slots: ReceiveSlots,
+    on_calls: Callable[[int], None] | None = None,
 ) -> CallTracker:
     """The generated registration, except that ModelInfer takes ``InferRequestWire`` and
-    returns the serialized response as ``bytes``, and that every call is tracked from its start
+    returns the serialized response as ``bytes``, that its message is received only once one
+    of ``slots`` is free (``receiving``), and that every call is tracked from its start
     (returned: the tracker; ``on_calls`` hears how many are in progress). The handlers are
     registered as generic ones only: gRPC's registered-method path skips the lookup the
     tracker hooks into."""
     recorder = _Recorder()
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, recorder)  # type: ignore[arg-type]
     handlers = recorder.handlers
-    handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
-        servicer.ModelInfer, request_deserializer=decode_infer_request, response_serializer=None
+    handlers["ModelInfer"] = grpc.stream_unary_rpc_method_handler(
+        slots.reading(servicer.ModelInfer), request_deserializer=decode_infer_request, response_serializer=None
     )
     name = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
     tracker = CallTracker(grpc.method_handlers_generic_handler(name, handlers), budget, on_calls)

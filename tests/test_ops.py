@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lrnserve.server.ops import LocalResponseNorm, LRNParams, local_response_norm, native, prepare
+from lrnserve.server.ops import LocalResponseNorm, LRNParams, local_response_norm, native, prepare, triton_lrn
 from lrnserve.server.ops.composed import local_response_norm_composed
 from reference import lrn_reference
 
@@ -54,6 +54,30 @@ def test_every_power_path(mode: str, beta: float) -> None:
     expected = lrn_reference(x.double().numpy(), 5, 2.0, beta, 0.8, mode)
     assert_close(local_response_norm(x, 5, 2.0, beta, 0.8, mode), expected, rtol=2e-6)
     assert_close(local_response_norm(x.double(), 5, 2.0, beta, 0.8, mode), expected, rtol=1e-13)
+
+
+@pytest.fixture
+def triton_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """float32/float16 CPU tensors through the Triton kernel (its interpreter); float64 stays native."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv(triton_lrn.ENV, "triton")
+    assert triton_lrn.selected(X)
+
+
+@pytest.mark.usefixtures("triton_kernel")
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("size", [1, 2, 5, 12])
+@pytest.mark.parametrize("shape", [(1, 3, 1, 1), (1, 1, 4, 3), (2, 4, 2, 2)])
+def test_matches_float64_reference_in_triton_mode(mode: str, size: int, shape: tuple[int, ...]) -> None:
+    # The interpreter runs program instances one by one: the matrix's small shapes only.
+    test_matches_float64_reference(mode, size, shape)
+
+
+@pytest.mark.usefixtures("triton_kernel")
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("beta", [0.75, 0.5, -0.4, 2.5])
+def test_every_power_path_in_triton_mode(mode: str, beta: float) -> None:
+    test_every_power_path(mode, beta)
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 8, 11])

@@ -1,9 +1,10 @@
 """The public LRN operation and its ``torch.nn.Module`` wrapper.
 
 ``local_response_norm`` validates its arguments, then runs the fused C++
-kernel for CPU tensors (``native``) or the composed torch version otherwise
-(``composed``). ``alpha``, ``beta`` and ``k`` may be scalars or one value per
-sample, which is what lets the server batch requests that differ in them.
+kernel for CPU tensors (``native``), the fused Triton kernel for CUDA tensors
+(``triton_lrn``), or the composed torch version otherwise (``composed``).
+``alpha``, ``beta`` and ``k`` may be scalars or one value per sample, which is
+what lets the server batch requests that differ in them.
 Scalar parameters (every network layer) go through the registered torch
 operator ``torch.ops.lrnserve.local_response_norm`` (``torch_op``), so that
 torch.jit.trace, torch.compile, torch.export and torch.onnx.export see it.
@@ -16,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from . import native
+from . import native, triton_lrn
 from .composed import local_response_norm_composed
 from .params import ALPHA, BETA, Bound, K, LRNParams, Mode, check_mode, check_size
 from .torch_op import check_input, lrn_overload
@@ -80,6 +81,8 @@ def local_response_norm_checked(
     if x.numel() == 0:
         return torch.empty_like(x, memory_format=torch.contiguous_format)
     needs_graph = x.requires_grad and torch.is_grad_enabled()
+    if not needs_graph and triton_lrn.selected(x):
+        return triton_lrn.forward(x, size, alpha, beta, k, mode)
     if x.device.type == "cpu" and not needs_graph:
         kernel = native.kernel()
         if kernel is not None:
@@ -101,6 +104,10 @@ def prepare(device: torch.device | str = "cpu") -> str:
         if kernel is not None:
             return f"fused C++ kernel ({kernel.path.name})"
         return f"composed torch ops (fused kernel unavailable: {native.unavailable_reason()})"
+    if device.type == "cuda":
+        if triton_lrn.available():
+            return "fused Triton kernel (compiled per dtype and mode on first use)"
+        return f"composed torch ops on cuda (Triton kernel unavailable: {triton_lrn.unavailable_reason()})"
     return f"composed torch ops on {device.type}"
 
 

@@ -5,7 +5,10 @@ str mode) -> Tensor`` (scalar parameters; the server's per-sample batches keep c
 ``local_response_norm_checked``, which feeds the kernel one value per sample).
 
 - CPU: the fused C++ kernel (``native``), or the composed torch ops when it cannot be built;
-- every other device (CUDA, meta-less backends): the composed torch ops;
+  the Triton kernel through Triton's interpreter with ``LRNSERVE_LRN_KERNEL=triton`` (tests);
+- CUDA: the fused Triton kernel (``triton_lrn``); the composed torch ops for float64, or when
+  Triton does not import (logged once);
+- every other device: the composed torch ops;
 - fake/meta tensors (torch.compile, torch.export, the ONNX exporter): a contiguous tensor of
   x's shape and dtype;
 - autograd: an analytic backward in torch ops (``composed.local_response_norm_backward``).
@@ -22,7 +25,7 @@ from typing import Any
 
 import torch
 
-from . import native
+from . import native, triton_lrn
 from .composed import local_response_norm_backward, local_response_norm_composed
 from .params import ALPHA, BETA, K, Mode, check_mode, check_size
 
@@ -91,10 +94,20 @@ _per_sample = _PerSampleCache()
 
 @torch.library.custom_op(OP_NAME, mutates_args=())
 def local_response_norm_op(x: torch.Tensor, size: int, alpha: float, beta: float, k: float, mode: str) -> torch.Tensor:
-    """Every device without a kernel of its own (CUDA, ...): the composed torch ops."""
+    """Every device without a kernel of its own: the composed torch ops."""
     checked = _check(x, size, alpha, beta, k, mode)
     if x.numel() == 0:
         return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return local_response_norm_composed(x, size, *_scalars(alpha, beta, k, x.device), checked).contiguous()
+
+
+@local_response_norm_op.register_kernel("cuda")
+def _cuda(x: torch.Tensor, size: int, alpha: float, beta: float, k: float, mode: str) -> torch.Tensor:
+    checked = _check(x, size, alpha, beta, k, mode)
+    if x.numel() == 0:
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+    if triton_lrn.selected(x):
+        return triton_lrn.forward_scalar(x, size, alpha, beta, k, checked)
     return local_response_norm_composed(x, size, *_scalars(alpha, beta, k, x.device), checked).contiguous()
 
 
@@ -103,6 +116,8 @@ def _cpu(x: torch.Tensor, size: int, alpha: float, beta: float, k: float, mode: 
     checked = _check(x, size, alpha, beta, k, mode)
     if x.numel() == 0:
         return torch.empty_like(x, memory_format=torch.contiguous_format)
+    if triton_lrn.selected(x):
+        return triton_lrn.forward_scalar(x, size, alpha, beta, k, checked)
     kernel = native.kernel()
     if kernel is None:
         return local_response_norm_composed(x, size, *_scalars(alpha, beta, k, x.device), checked).contiguous()

@@ -17,7 +17,18 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from harness import join_all, output_array, serve_process, stub, wait_until
+from harness import (
+    free_port,
+    infer_request,
+    join_all,
+    metric_value,
+    output_array,
+    scrape,
+    serve_process,
+    stub,
+    wait_until,
+)
+from onnx_files import single
 from test_repository import X, expected, lrn_model, write
 
 from lrnserve.client.pb import grpc_predict_v2_pb2 as pb
@@ -131,29 +142,58 @@ def test_reloads_and_versions_under_load_fail_no_request(tmp_path: Path) -> None
 
 
 def test_poll_mode_follows_the_folder(tmp_path: Path) -> None:
+    """Every change is applied by the second scan completed after it was made (the first may have
+    read the folder before the change): within two poll intervals. Scans are counted by
+    ``lrnserve_repository_polls_total``, so nothing here depends on how fast the machine is."""
     root = tmp_path / "models"
     root.mkdir()
+    metrics_port = free_port()
     args = ("--model-repository", str(root), "--model-control-mode", "poll", "--repository-poll-secs", "0.2")
-    with serve_process(*args) as (_, target), grpc.insecure_channel(target) as channel:
+    with serve_process(*args, metrics_port=metrics_port) as (_, target), grpc.insecure_channel(target) as channel:
 
         def answer() -> np.ndarray:
             return output_array(stub(channel).ModelInfer(request("polled", ""), timeout=10))
 
+        def two_scans_later() -> None:
+            def polls() -> float:
+                return metric_value(scrape(metrics_port), "lrnserve_repository_polls_total") or 0.0
+
+            made = polls()  # read after the change was written
+            wait_until(lambda: polls() >= made + 2, "two repository scans", 30)
+
         lrn_model(root, "polled", {1: 1.0})  # added
-        wait_until(lambda: index(channel).get(("polled", "1"), ("",))[0] == "READY", "new folder loaded", 10)
+        two_scans_later()
+        assert index(channel)[("polled", "1")] == ("READY", "")
         np.testing.assert_allclose(answer(), expected(1.0), rtol=1e-6)
         write(root / "polled" / "1" / "config.toml", "k = 2.5\n")  # changed
-        wait_until(lambda: np.allclose(answer(), expected(2.5), rtol=1e-6), "changed folder reloaded", 10)
+        two_scans_later()
+        np.testing.assert_allclose(answer(), expected(2.5), rtol=1e-6)
         write(root / "polled" / "config.toml", 'kind = "lrn"\nk = [')  # broken: the old one keeps serving
-        wait_until(lambda: "invalid TOML" in index(channel)[("polled", "1")][1], "broken config reported", 10)
-        assert index(channel)[("polled", "1")][0] == "READY"
+        two_scans_later()
+        state, reason = index(channel)[("polled", "1")]
+        assert state == "READY" and "invalid TOML" in reason, reason
         np.testing.assert_allclose(answer(), expected(2.5), rtol=1e-6)
         write(root / "polled" / "config.toml", 'kind = "lrn"\nbeta = 1.0\n')  # repaired
-        wait_until(lambda: index(channel)[("polled", "1")] == ("READY", ""), "repaired config loaded", 10)
-        want = expected(2.5, beta=1.0)
-        np.testing.assert_allclose(answer(), want, rtol=1e-6)
+        two_scans_later()
+        assert index(channel)[("polled", "1")] == ("READY", "")
+        np.testing.assert_allclose(answer(), expected(2.5, beta=1.0), rtol=1e-6)
+
+        relu = root / "relu" / "1" / "model.onnx"  # a model file that breaks: the old one keeps serving
+        relu.parent.mkdir(parents=True)
+        relu.write_bytes(single("Relu", [1, 4, 2, 2]).SerializeToString())
+        write(root / "relu" / "config.toml", 'kind = "onnx"\n')
+        two_scans_later()
+        x = infer_request("relu", X, name="x")
+        np.testing.assert_array_equal(output_array(stub(channel).ModelInfer(x, timeout=10)), np.maximum(X, 0))
+        relu.write_bytes(b"not an onnx file")
+        two_scans_later()
+        state, reason = index(channel)[("relu", "1")]
+        assert state == "READY" and "reload failed, previous version serving" in reason and "model.onnx" in reason
+        np.testing.assert_array_equal(output_array(stub(channel).ModelInfer(x, timeout=10)), np.maximum(X, 0))
+
         shutil.rmtree(root / "polled")  # removed
-        wait_until(lambda: not any(n == "polled" for n, _ in index(channel)), "removed folder unloaded", 10)
+        two_scans_later()
+        assert not any(n == "polled" for n, _ in index(channel))
         with pytest.raises(grpc.RpcError) as error:
             answer()
         assert error.value.code() == grpc.StatusCode.NOT_FOUND

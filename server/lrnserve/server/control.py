@@ -294,6 +294,8 @@ class ModelControl:
                 await self.poll_once()
             except Exception:  # a scan that failed is retried at the next interval
                 logger.exception("repository poll failed")
+            else:
+                self._telemetry.repository_polled()
 
     async def poll_once(self) -> None:
         """One scan: load new folders, reload changed ones, unload removed ones."""

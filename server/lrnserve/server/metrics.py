@@ -152,6 +152,12 @@ class Metrics:
         self.model_load_failures = Counter(
             "lrnserve_model_load_failures", "Model version loads that failed.", ["model"], registry=registry
         )
+        self.repository_polls = Counter(
+            "lrnserve_repository_polls",
+            "Scans of the model repository folder completed in poll mode (each applies every change "
+            "made before it began).",
+            registry=registry,
+        )
         self._states: dict[tuple[str, str], tuple[str, ...]] = {}
         self.build = Info("lrnserve_build", "Versions this server runs.", registry=registry)
         self.build.info(

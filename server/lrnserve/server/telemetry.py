@@ -106,6 +106,10 @@ class Telemetry:
         if self.metrics is not None:
             self.metrics.auth_failures.inc()
 
+    def repository_polled(self) -> None:
+        if self.metrics is not None:
+            self.metrics.repository_polls.inc()
+
     def model_loaded(self, model: str, seconds: float) -> None:
         if self.metrics is not None:
             self.metrics.model_load.labels(model).set(seconds)

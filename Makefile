@@ -15,7 +15,7 @@ TORCH_INDEX ?=
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: serve test install prometheus container-test lint typecheck bench clean
+.PHONY: serve test install prometheus container-test lint typecheck bench gpu-wheels gpu-check clean
 
 serve: $(VENV)/.installed
 	$(BIN)/lrnserve serve --plaintext $(ARGS)
@@ -71,6 +71,15 @@ typecheck: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/ops.py
+
+# The GPU check (bench/gpu_check.py): gpu-wheels here, with the package registries; gpu-check on
+# the GPU machine, which has no network (it uses its own python3, torch and Triton). Without a GPU,
+# `make gpu-check ARGS=--dry-run` checks the wheels and the commands.
+gpu-wheels: $(VENV)/.installed
+	$(BIN)/python bench/gpu_check.py download
+
+gpu-check:
+	$(PYTHON) bench/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache

@@ -435,7 +435,15 @@ def print_table(rows: list[Row], names: list[str], header: str) -> None:
 
 
 def main() -> None:
+    device = argparse.ArgumentParser(add_help=False)
+    device.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    if device.parse_known_args()[0].device == "cuda":  # another set of engines: bench/networks_cuda.py
+        import networks_cuda
+
+        networks_cuda.main(sys.argv[1:])
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cpu",), default="cpu", help="cuda: bench/networks_cuda.py")
     parser.add_argument("--networks", default=",".join(DEFAULT_NETWORKS))
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--reps", type=int, default=5)

@@ -5,7 +5,10 @@ Prints, per case, the median time of lrnserve's op, of the named baseline and of
 interleaved in one run, with the ratios the targets in the README refer to.
 Then AlexNet end to end at batch 32 with lrnserve's LRN, torch's LRN, and no LRN.
 
-    python bench/ops.py [--reps 20] [--warmup 3] [--skip-alexnet]
+    python bench/ops.py [--reps 20] [--warmup 3] [--skip-alexnet] [--device cpu|cuda]
+
+``--device cuda`` prints instead the op on the GPU (both modes; float32, float16, bfloat16)
+against the device's ``x.clone()`` and the composed torch version.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lrnserve.server.models import create_network
-from lrnserve.server.ops import local_response_norm, prepare
+from lrnserve.server.ops import Mode, local_response_norm, prepare
+from lrnserve.server.ops.composed import local_response_norm_composed
 
 Fn = Callable[[], object]
 
@@ -86,27 +90,39 @@ def op_table(device: torch.device, reps: int, warmup: int) -> None:
     print("targets (2-core CPU): across speedup >= 5x, within >= 3x, ours/clone <= 3x")
 
 
-def bandwidth_table(reps: int, warmup: int) -> None:
+def cuda_table(reps: int, warmup: int) -> None:
+    """The op on CUDA against the device's copy bandwidth (``x.clone()``) and the composed torch
+    version it replaces, per mode, dtype and shape: a markdown table."""
     device = torch.device("cuda")
-    shape = (64, 96, 55, 55)
-    print(f"\nLRN op on {torch.cuda.get_device_name()} at {list(shape)}: effective bandwidth (read + write)")
-    print(f"{'dtype':10}{'mode':8}{'ours ms':>9}{'clone ms':>10}{'ours GB/s':>11}{'clone GB/s':>12}{'ratio':>8}")
-    for dtype in (torch.float32, torch.float16):
-        for mode in ("across", "within"):
-            x = torch.randn(shape, device=device, dtype=dtype)
-            t = measure(
-                {"ours": lambda x=x, m=mode: local_response_norm(x, 5, 1e-4, 0.75, 1.0, m), "clone": x.clone},
-                reps,
-                warmup,
-                device,
-            )
-            moved = 2 * x.numel() * x.element_size()
-            ours_bw, clone_bw = moved / t["ours"] / 1e9, moved / t["clone"] / 1e9
-            print(
-                f"{str(dtype).removeprefix('torch.'):10}{mode:8}{t['ours'] * 1e3:9.3f}{t['clone'] * 1e3:10.3f}"
-                f"{ours_bw:11.0f}{clone_bw:12.0f}{ours_bw / clone_bw:7.0%}"
-            )
-    print("target: >= 80% of the clone's bandwidth")
+    print(f"LRN op on {torch.cuda.get_device_name()} ({prepare('cuda')}), size 5, medians of {reps}\n")
+    print("| mode | dtype | shape | ours ms | composed ms | clone ms | ours GB/s | clone GB/s | of clone | vs composed")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for shape in ((64, 96, 55, 55), (32, 256, 27, 27)):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            for mode in ("across", "within"):
+                x = torch.randn(shape, device=device).to(dtype)
+                params = (torch.tensor([1e-4]), torch.tensor([0.75]), torch.tensor([1.0]))
+                scalars = tuple(p.to(device=device, dtype=torch.float64) for p in params)
+                checked: Mode = mode  # type: ignore[assignment]
+                t = measure(
+                    {
+                        "ours": lambda x=x, m=mode: local_response_norm(x, 5, 1e-4, 0.75, 1.0, m),
+                        "composed": lambda x=x, m=checked, p=scalars: local_response_norm_composed(x, 5, *p, m),
+                        "clone": x.clone,
+                    },
+                    reps,
+                    warmup,
+                    device,
+                )
+                moved = 2 * x.numel() * x.element_size()
+                ours_bw, clone_bw = moved / t["ours"] / 1e9, moved / t["clone"] / 1e9
+                print(
+                    f"| {mode} | {str(dtype).removeprefix('torch.')} | {list(shape)} | {t['ours'] * 1e3:.3f} | "
+                    f"{t['composed'] * 1e3:.3f} | {t['clone'] * 1e3:.3f} | {ours_bw:,.0f} | {clone_bw:,.0f} | "
+                    f"{ours_bw / clone_bw:.0%} | {t['composed'] / t['ours']:.1f}x |",
+                    flush=True,
+                )
+    print("\ntargets at [64,96,55,55], float32 and float16: >= 80% of the clone's bandwidth, >= 5x composed")
 
 
 def alexnet_table(reps: int, warmup: int) -> None:
@@ -134,13 +150,16 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=20, help="timed repetitions per candidate (>= 20)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--skip-alexnet", action="store_true")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args()
     torch.manual_seed(0)
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("bench/ops.py --device cuda: no CUDA device")
+        cuda_table(args.reps, args.warmup)
+        return
     print(f"torch {torch.__version__}; CPU implementation: {prepare('cpu')}\n")
     op_table(torch.device("cpu"), args.reps, args.warmup)
-    if torch.cuda.is_available():
-        print(f"CUDA implementation: {prepare('cuda')}")
-        bandwidth_table(args.reps, args.warmup)
     if not args.skip_alexnet:
         alexnet_table(args.reps, args.warmup)
 

@@ -13,6 +13,10 @@ ModelStatistics RPC). A last pass compares the batching server with
 Prometheus metrics on and off.
 
     python bench/serve.py [--duration 5] [--reps 3] [--concurrency 1,8,16,32] [--cases lrn96,lrn16,alexnet]
+        [--device cpu|cuda]
+
+``--device cuda`` serves the models on the GPU; the ceiling then includes the host-to-device and
+device-to-host copies of each batch, as the executor makes them.
 
 The baseline the issue names, Seldon's MLServer with adaptive batching serving
 torch's stock LRN, runs beside them in the same repetitions for the lrn cases
@@ -88,10 +92,13 @@ CASES = {
 DELAY_US = os.environ.get("BENCH_DELAY_US")
 
 
+DEVICE = "cpu"  # --device: where the served models (and the ceiling) run
+
+
 @functools.cache
 def _resolved_layout(model: str, instances: int, threads: int) -> tuple[int, int]:
     servable = create_servable(ModelConfig(name=model, kind=model))
-    return instance_layout(servable, torch.device("cpu"), instances, threads)
+    return instance_layout(servable, torch.device(DEVICE), instances, threads)
 
 
 @dataclass(frozen=True)
@@ -111,7 +118,7 @@ LAYOUT = Layout()
 
 def config_text(max_batch_size: int) -> str:
     delay = f"max_queue_delay_us = {int(DELAY_US)}\n" if DELAY_US is not None else ""
-    layout = f"instances = {LAYOUT.instances}\nthreads = {LAYOUT.threads}\n"
+    layout = f'instances = {LAYOUT.instances}\nthreads = {LAYOUT.threads}\ndevice = "{DEVICE}"\n'
     return "\n".join(
         f"[models.{name}]\nmax_batch_size = {max_batch_size}\n{delay}{layout}max_queue_size = 1024\n"
         for name in ("lrn", "alexnet")
@@ -290,6 +297,23 @@ def in_process_seconds(case: Case, batch: int, instances: int, threads: int, rep
     else:
         net = NETWORKS.setdefault(case.model, create_network(case.model))
         fn = lambda: net(x)  # noqa: E731
+    if DEVICE == "cuda":  # as the executor runs a batch: host to device, compute, device to host
+        device = torch.device("cuda")
+        host, answer = x.pin_memory(), None
+        if case.model == "lrn":
+            compute = lambda g: local_response_norm(g, 5)  # noqa: E731
+        else:
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cudnn.allow_tf32 = False
+            gpu_net = NETWORKS.setdefault(f"{case.model}@cuda", create_network(case.model).to(device).eval())
+            compute = gpu_net
+
+        def fn() -> None:
+            nonlocal answer
+            y = compute(host.to(device, non_blocking=True))
+            answer = torch.empty(y.shape, dtype=y.dtype, pin_memory=True) if answer is None else answer
+            answer.copy_(y, non_blocking=True)
+            torch.cuda.synchronize()
 
     def own_threads() -> None:
         torch.get_num_threads()  # torch sets a thread's pool up on first use; then ours
@@ -393,10 +417,16 @@ class Summary:
         return f"{statistics.median(self.p50s):8.2f}{statistics.median(self.p99s):8.2f}"
 
 
+def _set_up_child(cache_bytes: int, device: str) -> None:
+    global DEVICE
+    DEVICE = device
+    keep_freed_memory(cache_bytes)
+
+
 def ceiling_child() -> Pool:
     """A child process whose C heap is set up as ``lrnserve serve`` sets up its own."""
     context = multiprocessing.get_context("spawn")
-    return context.Pool(1, initializer=keep_freed_memory, initargs=(DEFAULT_CACHE_BYTES,))
+    return context.Pool(1, initializer=_set_up_child, initargs=(DEFAULT_CACHE_BYTES, DEVICE))
 
 
 def main() -> None:
@@ -413,14 +443,21 @@ def main() -> None:
         "--no-mlserver", action="store_true", help="skip the MLServer baseline (bench/mlserver_baseline/setup.sh)"
     )
     parser.add_argument("--no-echo", action="store_true", help="skip the gRPC echo limit (bench/grpc_echo.py)")
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="where the models run (cuda: no MLServer baseline)"
+    )
     args = parser.parse_args()
-    global LAYOUT
+    global LAYOUT, DEVICE
     LAYOUT = Layout(args.instances, args.threads)
+    DEVICE = args.device
+    if DEVICE == "cuda":
+        args.no_mlserver = True
     cases = [CASES[key] for key in args.cases.split(",")]
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     keep_freed_memory(DEFAULT_CACHE_BYTES)  # the load generator, set up as `lrnserve bench` sets itself up
 
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs; server and client share this machine")
+    gpu = f", {torch.cuda.get_device_name()}" if DEVICE == "cuda" else ""
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs{gpu}; server and client share this machine")
     for case in cases:
         instances, threads = LAYOUT.resolved(case)
         print(f"  {case.model}: {instances} instance(s) x {threads} CPU thread(s)")

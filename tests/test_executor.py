@@ -33,7 +33,8 @@ def test_default_layout_shares_the_cores_among_up_to_four_network_instances() ->
     instances = min(cores, 4)
     assert instance_layout(network, CPU, 0, 0) == (instances, max(1, cores // instances))
     assert instance_layout(lrn, CPU, 0, 0) == (1, cores)
-    assert instance_layout(network, torch.device("cuda"), 0, 0) == (1, cores)  # one stream
+    assert instance_layout(network, torch.device("cuda"), 0, 0) == (2, max(1, cores // 2))  # two streams
+    assert instance_layout(lrn, torch.device("cuda"), 0, 0) == (2, max(1, cores // 2))
     assert network.default_cpu_instances(2) == 2 and network.default_cpu_instances(64) == 4
     assert network.default_cpu_instances(1) == 1
     assert instance_layout(network, CPU, 3, 2) == (3, 2)  # as configured

@@ -19,8 +19,8 @@ LAYERS: list[set[str]] = [
     {"dataplane", "validate", "classification", "configuration"},
     {"repository", "control", "catalog"},
     {"batching"},
-    {"executor"},
-    {"servables", "preprocess"},
+    {"executor", "pinned"},
+    {"servables", "preprocess", "cuda"},
     {"importers"},
     {"models", "ops"},
 ]

@@ -21,13 +21,14 @@ import torch
 
 from lrnserve.client.datatypes import DATATYPES, DataType, from_torch_name
 
+from . import cuda
 from .errors import InvalidArgument
 from .importers import built_in_network, read_caffe, read_onnx
 from .inference import ModelMetadata, ParameterValue, TensorMetadata
 from .models import LRNNetwork
 from .models.ir import ModelLoadError
 from .models.runtime import GraphNetwork
-from .ops import Mode, local_response_norm, local_response_norm_checked, native, prepare
+from .ops import Mode, local_response_norm, local_response_norm_checked, native, prepare, triton_lrn
 from .ops.params import BOUNDS, check_mode, check_size
 from .preprocess import Preprocessor
 from .settings import ModelConfig
@@ -52,6 +53,8 @@ class Servable(ABC):
     output_name = "output"
     parameter_names: tuple[str, ...] = ()
     threads = 1  # CPU threads one instance computes with (set by its executor)
+    # On CUDA, the batch sizes a batch is padded up to (``cuda``); empty: batches run as they come.
+    batch_buckets: tuple[int, ...] = ()
     labels: tuple[str, ...] | None = None  # one per class, from the model's labels file
 
     @property
@@ -154,6 +157,8 @@ class LRNServable(Servable):
         p = self.config.lrn
         warm = torch.randn(2, 8, 4, 4, device=device)
         local_response_norm(warm, p.size, p.alpha, p.beta, p.k, p.mode)
+        if device.type == "cuda" and triton_lrn.available():
+            implementation += f", {triton_lrn.warm_up(device, p.size, p.alpha, p.beta, p.k)} kernels warmed up"
         return f"{implementation}; defaults size={p.size} alpha={p.alpha} beta={p.beta} k={p.k} mode={p.mode}"
 
     def check_sample_shape(self, shape: tuple[int, ...]) -> str | None:
@@ -322,12 +327,20 @@ class NetworkServable(Servable):
             # 4x at batch 8 and 32, NCHW max pools 4-17x).
             packed = self.network.prepack_for_cpu()
             described = f"; {packed} layers prepacked for oneDNN" if packed else ""
+        warm_up: tuple[int, ...] = (1,)
+        if device.type == "cuda":
+            described += f"; {cuda.configure_network(self.name, self.dtype, self.config.allow_tf32)}"
+            self.batch_buckets = warm_up = cuda.batch_buckets(self.config.batching.max_batch_size)
+            described += f", batch buckets {'/'.join(str(b) for b in warm_up)} warmed up"
         if self.preprocess is not None:
             self.preprocess.to(device, self.dtype)
             self.preprocess(torch.zeros(1, *self.client_sample_shape, device=device, dtype=torch.uint8))
             described += f"; preprocess: {self.preprocess.description}"
         with torch.inference_mode():
-            self.network(torch.zeros(1, *self.sample_shape, device=device, dtype=self.dtype))
+            for samples in warm_up:
+                self.network(torch.zeros(samples, *self.sample_shape, device=device, dtype=self.dtype))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         return f"weights: {self.network.weights_source}; LRN: {implementation}{described}"
 
     def default_cpu_instances(self, cores: int) -> int:

@@ -177,10 +177,17 @@ class ModelConfig:
     kind: str = model_setting(MISSING, Choice(*KINDS), "what the model is (default: the table's name)")
     device: str = model_setting("auto", Device(), "overrides the server's device for this model")
     dtype: str = model_setting("float32", Choice(*DTYPES), "compute dtype of a network", only="network")
+    allow_tf32: bool = model_setting(
+        False,
+        Boolean(),
+        "on CUDA, let a float32 network's convolutions and matrix products round to TF32 (faster, not "
+        "float32-exact; torch's switch is process-wide)",
+        only="network",
+    )
     instances: int = model_setting(
         0,
         Integer(0, 64),
-        "concurrent batches (worker threads / CUDA streams); 0: networks on the CPU min(cores, 4), else 1",
+        "concurrent batches (worker threads / CUDA streams); 0: on CUDA 2, networks on the CPU min(cores, 4), else 1",
     )
     threads: int = model_setting(
         0, Integer(0, 1024), "CPU intra-op threads per instance; 0: the cores shared out among the instances"

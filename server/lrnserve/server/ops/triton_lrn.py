@@ -66,7 +66,16 @@ class _Loader:
             self.error = f"triton does not import: {exc}"
             return
         functions = (source.lrn_across, source.lrn_within)
-        self._kernels[False] = (triton.jit(functions[0]), triton.jit(functions[1]))
+        # Triton compiles one variant per divisibility class of each integer argument. Only the
+        # extent the pixel block runs along (HW, W) decides how wide the loads may be; the others
+        # would just multiply the variants (and the first-use compiles) for nothing.
+        self._kernels[False] = (
+            triton.jit(functions[0], do_not_specialize=["p_stride", "C", "before", "after", "chunk"]),
+            triton.jit(
+                functions[1],
+                do_not_specialize=["p_stride", "C", "H", "before", "after", "left", "right", "chunk"],
+            ),
+        )
         self._kernels[True] = (
             interpreter.InterpretedFunction(functions[0]),
             interpreter.InterpretedFunction(functions[1]),
@@ -209,3 +218,21 @@ _scalar_parameters = _ScalarParameters()
 def forward_scalar(x: torch.Tensor, size: int, alpha: float, beta: float, k: float, mode: Mode) -> torch.Tensor:
     """:func:`forward` with one alpha, beta and k for every sample (network layers)."""
     return _launch(x, size, _scalar_parameters.get(x.device, size, alpha, beta, k, mode), mode)
+
+
+WARM_UP_SHAPES = ((1, 96, 55, 55), (4, 256, 27, 27), (2, 8, 4, 4))
+
+
+def warm_up(device: torch.device, size: int, alpha: float, beta: float, k: float) -> int:
+    """Compile the kernels a served LRN model will use (both modes, every CUDA dtype, the classic
+    networks' shapes) at load, so that those requests never wait for Triton; returns the launches.
+    Other shapes may compile a variant on first use; Triton keeps compiled kernels on disk."""
+    launches = 0
+    for dtype in CUDA_DTYPES:
+        for shape in WARM_UP_SHAPES:
+            x = torch.ones(shape, dtype=dtype, device=device)
+            for mode in ("across", "within"):
+                forward_scalar(x, size, alpha, beta, k, mode)
+                launches += 1
+    torch.cuda.synchronize(device)
+    return launches

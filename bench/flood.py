@@ -12,7 +12,7 @@ it, the resident size is sampled for 5 s. Prints one row per flood, and the two 
 - the issue's, 3 x max_inflight_bytes + the idle server + 1.5 GiB.
 
     python bench/flood.py [--callers 24] [--mib 96] [--seconds 20] [--floods 3]
-        [--max-inflight-mib 1024] [--receives 8] [--max-concurrent-rpcs 128]
+        [--max-inflight-mib 1024] [--receives 8] [--max-concurrent-rpcs 128] [--warmup 0]
 
 Linux only (reads /proc). Needs about callers x mib x 2 of memory for the clients.
 """
@@ -121,6 +121,7 @@ def main() -> None:
     parser.add_argument("--max-inflight-mib", type=int, default=1024)
     parser.add_argument("--receives", type=int, default=8, help="max_concurrent_receives")
     parser.add_argument("--max-concurrent-rpcs", type=int, default=128)
+    parser.add_argument("--warmup", type=int, default=0, help="requests of that size sent one by one first")
     args = parser.parse_args()
 
     port, metrics_port = free_port(), free_port()
@@ -141,13 +142,22 @@ def main() -> None:
 
         with grpc.insecure_channel(target) as channel:
             grpc.channel_ready_future(channel).result(timeout=120)
-        message = len(request_bytes(args.mib))
+        request = request_bytes(args.mib)
+        message = len(request)
+        cold = resident(server.pid)[0]
+        options = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1)]
+        with grpc.insecure_channel(target, options=options) as channel:
+            for _ in range(args.warmup):
+                channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")(request, timeout=120)
+        del request
+        time.sleep(3.0 if args.warmup else 0.0)  # past idle_trim_seconds
         receiving = min(args.callers, args.receives)
         working_set = args.max_inflight_mib * MIB + 2 * receiving * message + args.callers * WINDOW
         print(
             f"{args.callers} callers x {args.mib} MiB for {args.seconds:g} s, max_inflight_bytes "
             f"{args.max_inflight_mib} MiB, max_concurrent_receives {args.receives}, "
-            f"max_concurrent_rpcs {args.max_concurrent_rpcs}; W = {working_set // MIB} MiB"
+            f"max_concurrent_rpcs {args.max_concurrent_rpcs}; W = {working_set // MIB} MiB; cold server "
+            f"{cold // MIB} MiB, after {args.warmup} warm-up requests {resident(server.pid)[0] // MIB} MiB"
         )
         columns = ["flood", "idle before (MiB)", "peak (MiB)", "formula bound (MiB)", "issue bound (MiB)"]
         columns += ["lowest in 5 s after (MiB)", "within 10 % of idle", "answered / refused"]

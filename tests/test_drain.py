@@ -280,41 +280,54 @@ class HoldingProxy:
             thread.join(timeout=10)
 
 
-def test_a_request_still_arriving_at_sigterm_is_served(tmp_path: Path) -> None:
-    """A call whose 4 MiB message is a quarter received when SIGTERM arrives began before the
-    drain: it is served, while a call begun after the drain started is refused."""
-    big = np.full((1, 16, 256, 256), 6.0, np.float32)
-    with gated_server(tmp_path, "--grace", "60") as server:
-        proxy = HoldingProxy(server.target, hold_after=1 << 20)
-        arriving_channel = grpc.insecure_channel(proxy.address, options=[("grpc.max_receive_message_length", 64 << 20)])
-        try:
-            calls = hold_one_computing_and_queue(server, -1.0, [2.0])
-            arriving = stub(arriving_channel).ModelInfer.future(infer_request("lrn", big), timeout=WAIT)
-            assert proxy.holding.wait(timeout=WAIT), "the proxy never held the message"
-            # Three calls the server has begun: computing, queued, and the one still arriving.
-            wait_until(
-                lambda: metric_value(scrape(server.metrics_port), "lrnserve_calls_in_progress") == 3,
-                "the server began the call whose message is arriving",
-                WAIT,
-            )
+def test_sixteen_calls_in_compute_queued_and_still_arriving_at_sigterm_are_served(tmp_path: Path) -> None:
+    """SIGTERM with 16 calls begun: one computing, eleven queued, four whose 4 MiB messages are a
+    quarter received (each held by its own loopback proxy). All 16 began before the drain and are
+    answered exactly; a call begun after it is refused; the server then exits 0."""
+    queued = [float(i) for i in range(2, 13)]
+    arriving_fills = [20.0, 21.0, 22.0, 23.0]
+    with gated_server(tmp_path, "--grace", "60") as server, contextlib.ExitStack() as stack:
+        proxies = [HoldingProxy(server.target, hold_after=1 << 20) for _ in arriving_fills]
+        for proxy in proxies:
+            stack.callback(proxy.close)
+        channels = [
+            grpc.insecure_channel(proxy.address, options=[("grpc.max_receive_message_length", 64 << 20)])
+            for proxy in proxies
+        ]
+        for channel in channels:
+            stack.callback(channel.close)
+        calls = hold_one_computing_and_queue(server, -1.0, queued)
+        bigs = [np.full((1, 16, 256, 256), fill, np.float32) for fill in arriving_fills]
+        arriving = [
+            stub(channel).ModelInfer.future(infer_request("lrn", big), timeout=WAIT)
+            for channel, big in zip(channels, bigs, strict=True)
+        ]
+        for proxy in proxies:
+            assert proxy.holding.wait(timeout=WAIT), "a proxy never held its message"
+        wait_until(
+            lambda: metric_value(scrape(server.metrics_port), "lrnserve_calls_in_progress") == 16,
+            "the server began all 16 calls, the four arriving ones included",
+            WAIT,
+        )
 
-            server.proc.send_signal(signal.SIGTERM)
-            server.wait_not_serving()
-            with pytest.raises(grpc.RpcError) as refused:
-                server.stub.ModelInfer(infer_request("lrn", sample(5.5)), timeout=WAIT)
-            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value.details()
+        server.proc.send_signal(signal.SIGTERM)
+        server.wait_not_serving()
+        with pytest.raises(grpc.RpcError) as refused:
+            server.stub.ModelInfer(infer_request("lrn", sample(5.5)), timeout=WAIT)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value.details()
 
+        for proxy in proxies:
             proxy.release()
-            server.wait_queue_depth(2)  # the arrived request queued behind the one that waits
-            server.open_gate()
-            for fill, call in zip([-1.0, 2.0], calls, strict=True):
-                np.testing.assert_array_equal(output_array(call.result(timeout=WAIT)), expected(sample(fill)))
-            np.testing.assert_array_equal(output_array(arriving.result(timeout=WAIT)), expected(big))
-            assert server.exit_code() == 0, server.log()
-            assert server.remaining_lines() == ["computing 2.0", "computing 6.0"]
-        finally:
-            arriving_channel.close()
-            proxy.close()
+        server.wait_queue_depth(len(queued) + len(arriving))  # the arrived requests queued behind the rest
+        server.open_gate()
+        for fill, call in zip([-1.0, *queued], calls, strict=True):
+            np.testing.assert_array_equal(output_array(call.result(timeout=WAIT)), expected(sample(fill)))
+        for big, call in zip(bigs, arriving, strict=True):
+            np.testing.assert_array_equal(output_array(call.result(timeout=WAIT)), expected(big))
+        assert server.exit_code() == 0, server.log()
+        computed = server.remaining_lines()
+        assert computed[: len(queued)] == [f"computing {fill!r}" for fill in queued]
+        assert sorted(computed[len(queued) :]) == [f"computing {fill!r}" for fill in arriving_fills]
 
 
 def test_grace_period_cut_short(tmp_path: Path) -> None:

@@ -132,9 +132,10 @@ def test_a_flood_of_large_requests_stays_within_the_memory_model(tmp_path: Path)
             # Back down within 5 s: the freed working set is given back (the idle trim), so the
             # server keeps at most one working set more than when it was cold, flood after flood.
             assert settled <= cold + working_set, f"not back below {(cold + working_set) >> 20} MiB in 5 s: {report}"
-            # And near the cold size, flood after flood: with the threads' C heaps limited to two
-            # (allocator_arenas) the idle server stayed within 16 % of it (without: 1.7-2 x).
-            assert settled <= cold * 1.35, f"not back within 35 % of the cold {cold >> 20} MiB in 5 s: {report}"
+            # And back to its idle size, flood after flood (the issue's 10 %): with the threads
+            # sharing one C heap (allocator_arenas), which the idle trim gives back whole.
+            # With two heaps the tops of the others kept 10-26 % more; with glibc's 8 per core, 1.7-2 x.
+            assert settled <= before * 1.10, f"not back within 10 % of the idle {before >> 20} MiB in 5 s: {report}"
         print("flood rounds (round, idle before MiB, peak MiB, lowest in the 5 s after MiB, codes):", report)
     finally:
         for channel in channels:

@@ -53,7 +53,12 @@ def limit_arenas(arenas: int) -> bool:
     glibc gives threads up to 8 x cores heaps of their own. Each keeps what its thread last
     allocated and freed, and after a flood of large requests handled by many threads (gRPC's,
     the instances', torch's) those heaps stayed hundreds of MiB resident that the idle trim
-    could not give back; with two, the server went back to within 20 % of its cold size.
+    could not give back: ``malloc_trim`` releases the free pages inside every heap, but the free
+    space at the top of a thread's heap only when that thread frees into it again (and only
+    beyond the trim threshold, ``allocator_cache_bytes``). With two heaps the server went back
+    to within 20 % of its cold size (63 MiB over it after the issue-scale flood, every time);
+    with one, which the trim gives back whole, to its cold size, at the same throughput
+    (bench/serve.py, lrn [1,16,8,8] and [1,96,55,55] at concurrency 16, alternating runs).
     Call before threads start: a thread keeps the heap it was given."""
     if arenas <= 0:
         return False

@@ -261,10 +261,10 @@ class ServerSettings:
         DEFAULT_CACHE_BYTES, Integer(0, 2**62), "freed memory the C heap may keep for reuse; 0: glibc's default"
     )
     allocator_arenas: int = setting(
-        2,
+        1,
         Integer(0, 1024),
-        "C heaps the server's threads share (glibc's M_ARENA_MAX): fewer keep less memory after floods; "
-        "0: glibc's default, 8 per core",
+        "C heaps the server's threads share (glibc's M_ARENA_MAX): the idle trim gives back all of one "
+        "heap, but not the top of other threads' heaps; 0: glibc's default, 8 per core",
     )
     tls_cert: Path | None = setting(None, File(), "serve gRPC over TLS with this certificate chain...")
     tls_key: Path | None = setting(None, File(), "...and this private key")

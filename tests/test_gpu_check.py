@@ -66,3 +66,7 @@ def test_every_benchmark_accepts_the_flags_the_check_gives_it(gpu_check: ModuleT
     assert gpu_check.command_problems(sys.executable) == []
     files = gpu_check.cuda_test_files()
     assert {"tests/test_cuda_path.py", "tests/test_ops.py", "tests/test_triton_lrn.py"} <= set(files)
+
+
+def test_the_steps_fit_in_eight_minutes_with_room_for_the_install(gpu_check: ModuleType) -> None:
+    assert sum(step.timeout_s for step in gpu_check.steps(sys.executable)) <= gpu_check.TOTAL_LIMIT_S - 30

@@ -9,6 +9,7 @@ server allocated (received messages, batch outputs, responses) after it started.
 from __future__ import annotations
 
 import gc
+import queue
 import time
 import tracemalloc
 from collections.abc import Iterator
@@ -78,6 +79,35 @@ def test_no_buffer_outlives_its_call(server: ServerThread, case: str) -> None:
                 assert send(channel, request) == expected
             live = large_live_allocations()
     assert not live, "buffers still alive after their calls ended:\n" + "\n".join(
+        f"{t.size / MIB:.0f} MiB from " + " <- ".join(f"{f.filename}:{f.lineno}" for f in reversed(t.traceback[-3:]))
+        for t in live
+    )
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_no_buffer_outlives_its_answer_on_a_stream(server: ServerThread, case: str) -> None:
+    """The same for ModelStreamInfer: each request's buffers go once its answer is sent, while
+    the stream stays open, and the call itself once the stream ends."""
+    model, parameters, expected = CASES[case]
+    request = infer_request(model, TENSOR, parameters)
+    end = object()
+    with server.channel() as channel:
+        with _traced():
+            outbox: queue.Queue[object] = queue.Queue()
+            outbox.put(request)
+            answers = stub(channel).ModelStreamInfer(iter(outbox.get, end), timeout=60)
+            for sent in range(1, 5):  # one at a time: each request's 32 MiB fit the 40 MiB budget alone
+                answer = next(answers)
+                assert bool(answer.error_message) == (expected != grpc.StatusCode.OK), answer.error_message
+                outbox.put(request if sent < 4 else end)
+            with pytest.raises(StopIteration):
+                next(answers)
+            del answer, answers
+            live = large_live_allocations()
+        assert server.server.metrics_port is not None
+        port = server.server.metrics_port
+        wait_until(lambda: metric_value(scrape(port), "lrnserve_calls_in_progress") == 0, "the stream ended")
+    assert not live, "buffers still alive after the stream's answers:\n" + "\n".join(
         f"{t.size / MIB:.0f} MiB from " + " <- ".join(f"{f.filename}:{f.lineno}" for f in reversed(t.traceback[-3:]))
         for t in live
     )

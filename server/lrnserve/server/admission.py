@@ -52,6 +52,10 @@ class Lease:
         self.held += nbytes
         return True
 
+    def sibling(self) -> Lease:
+        """A new, empty lease on the same budget (one per request of a stream)."""
+        return Lease(self._budget)
+
     def release(self) -> None:
         if self.held:
             self._budget._give(self.held)

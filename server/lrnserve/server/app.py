@@ -113,6 +113,7 @@ class LrnServer:
         self._server: grpc.aio.Server | None = None
         self._calls: CallTracker | None = None
         self.receive_slots: ReceiveSlots | None = None
+        self.inference: InferenceService | None = None
         self._metrics_http: tuple[WSGIServer, threading.Thread] | None = None
         self._stopped = asyncio.Event()
         self.drained = True
@@ -148,8 +149,11 @@ class LrnServer:
         )
         slots = ReceiveSlots(self.settings.max_concurrent_receives, self.settings.receive_timeout_seconds)
         self.receive_slots = slots
+        self.inference = InferenceService(
+            self.dataplane, self.settings.max_stream_inflight, self.settings.max_open_streams
+        )
         self._calls = add_inference_service(
-            server, Guarded(InferenceService(self.dataplane)), self.dataplane.budget, slots, self._calls_changed
+            server, Guarded(self.inference), self.dataplane.budget, slots, self._calls_changed
         )
         health_pb2_grpc.add_HealthServicer_to_server(Guarded(self.health), server)  # type: ignore[arg-type]
         reflection.enable_server_reflection((INFERENCE_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
@@ -210,6 +214,8 @@ class LrnServer:
         grace = self.settings.grace_seconds if grace is None else grace
         deadline = time.monotonic() + grace
         self.dataplane.begin_drain()
+        if self.inference is not None:
+            self.inference.streams.stop_reading()  # open streams answer what they hold, then end
         await self.health.close()
         drained = True
         await self.control.stop()

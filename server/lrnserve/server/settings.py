@@ -249,6 +249,17 @@ class ServerSettings:
         "ModelInfer messages received at once (each holds up to twice max_message_bytes while it arrives); "
         "other calls wait, flow control holding their bytes back",
     )
+    max_stream_inflight: int = setting(
+        64,
+        Integer(1, 65536),
+        "requests one ModelStreamInfer stream may have in flight; its next message is read once one is answered",
+    )
+    max_open_streams: int = setting(
+        16,
+        Integer(1, 1_000_000),
+        "ModelStreamInfer streams open at once (each receives one message at a time, outside the receive "
+        "slots); beyond it RESOURCE_EXHAUSTED",
+    )
     receive_timeout_seconds: float = setting(
         30.0,
         Number(0.001),

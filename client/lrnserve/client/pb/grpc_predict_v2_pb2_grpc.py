@@ -64,6 +64,11 @@ class GRPCInferenceServiceStub:
                 request_serializer=lrnserve_dot_client_dot_pb_dot_grpc__predict__v2__pb2.ModelInferRequest.SerializeToString,
                 response_deserializer=lrnserve_dot_client_dot_pb_dot_grpc__predict__v2__pb2.ModelInferResponse.FromString,
                 _registered_method=True)
+        self.ModelStreamInfer = channel.stream_stream(
+                '/inference.GRPCInferenceService/ModelStreamInfer',
+                request_serializer=lrnserve_dot_client_dot_pb_dot_grpc__predict__v2__pb2.ModelInferRequest.SerializeToString,
+                response_deserializer=lrnserve_dot_client_dot_pb_dot_grpc__predict__v2__pb2.ModelStreamInferResponse.FromString,
+                _registered_method=True)
         self.ModelStatistics = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelStatistics',
                 request_serializer=lrnserve_dot_client_dot_pb_dot_grpc__predict__v2__pb2.ModelStatisticsRequest.SerializeToString,
@@ -133,6 +138,14 @@ class GRPCInferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ModelStreamInfer(self, request_iterator, context):
+        """Triton's streaming extension: many requests on one stream, each answered (in any order,
+        with its id) by a response or an error_message that does not end the stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ModelStatistics(self, request, context):
         """Cumulative per-model statistics (Triton's statistics extension; its field numbers).
         """
@@ -198,6 +211,11 @@ def add_GRPCInferenceServiceServicer_to_server(servicer, server):
                     servicer.ModelInfer,
                     request_deserializer=lrnserve_dot_client_dot_pb_dot_grpc__predict__v2__pb2.ModelInferRequest.FromString,
                     response_serializer=lrnserve_dot_client_dot_pb_dot_grpc__predict__v2__pb2.ModelInferResponse.SerializeToString,
+            ),
+            'ModelStreamInfer': grpc.stream_stream_rpc_method_handler(
+                    servicer.ModelStreamInfer,
+                    request_deserializer=lrnserve_dot_client_dot_pb_dot_grpc__predict__v2__pb2.ModelInferRequest.FromString,
+                    response_serializer=lrnserve_dot_client_dot_pb_dot_grpc__predict__v2__pb2.ModelStreamInferResponse.SerializeToString,
             ),
             'ModelStatistics': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelStatistics,
@@ -387,6 +405,33 @@ class GRPCInferenceService:
             '/inference.GRPCInferenceService/ModelInfer',
             lrnserve_dot_client_dot_pb_dot_grpc__predict__v2__pb2.ModelInferRequest.SerializeToString,
             lrnserve_dot_client_dot_pb_dot_grpc__predict__v2__pb2.ModelInferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ModelStreamInfer(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/inference.GRPCInferenceService/ModelStreamInfer',
+            lrnserve_dot_client_dot_pb_dot_grpc__predict__v2__pb2.ModelInferRequest.SerializeToString,
+            lrnserve_dot_client_dot_pb_dot_grpc__predict__v2__pb2.ModelStreamInferResponse.FromString,
             options,
             channel_credentials,
             insecure,

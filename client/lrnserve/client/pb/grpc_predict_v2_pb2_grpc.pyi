@@ -43,6 +43,10 @@ class GRPCInferenceServiceStub:
     ServerMetadata: _grpc.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.ServerMetadataRequest, _grpc_predict_v2_pb2.ServerMetadataResponse]
     ModelMetadata: _grpc.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.ModelMetadataRequest, _grpc_predict_v2_pb2.ModelMetadataResponse]
     ModelInfer: _grpc.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.ModelInferRequest, _grpc_predict_v2_pb2.ModelInferResponse]
+    ModelStreamInfer: _grpc.StreamStreamMultiCallable[_grpc_predict_v2_pb2.ModelInferRequest, _grpc_predict_v2_pb2.ModelStreamInferResponse]
+    """Triton's streaming extension: many requests on one stream, each answered (in any order,
+    with its id) by a response or an error_message that does not end the stream.
+    """
     ModelStatistics: _grpc.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.ModelStatisticsRequest, _grpc_predict_v2_pb2.ModelStatisticsResponse]
     """Cumulative per-model statistics (Triton's statistics extension; its field numbers)."""
     ModelConfig: _grpc.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.ModelConfigRequest, _grpc_predict_v2_pb2.ModelConfigResponse]
@@ -64,6 +68,10 @@ class GRPCInferenceServiceAsyncStub(GRPCInferenceServiceStub):
     ServerMetadata: _aio.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.ServerMetadataRequest, _grpc_predict_v2_pb2.ServerMetadataResponse]  # type: ignore[assignment]
     ModelMetadata: _aio.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.ModelMetadataRequest, _grpc_predict_v2_pb2.ModelMetadataResponse]  # type: ignore[assignment]
     ModelInfer: _aio.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.ModelInferRequest, _grpc_predict_v2_pb2.ModelInferResponse]  # type: ignore[assignment]
+    ModelStreamInfer: _aio.StreamStreamMultiCallable[_grpc_predict_v2_pb2.ModelInferRequest, _grpc_predict_v2_pb2.ModelStreamInferResponse]  # type: ignore[assignment]
+    """Triton's streaming extension: many requests on one stream, each answered (in any order,
+    with its id) by a response or an error_message that does not end the stream.
+    """
     ModelStatistics: _aio.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.ModelStatisticsRequest, _grpc_predict_v2_pb2.ModelStatisticsResponse]  # type: ignore[assignment]
     """Cumulative per-model statistics (Triton's statistics extension; its field numbers)."""
     ModelConfig: _aio.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.ModelConfigRequest, _grpc_predict_v2_pb2.ModelConfigResponse]  # type: ignore[assignment]
@@ -118,6 +126,16 @@ class GRPCInferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _grpc_predict_v2_pb2.ModelInferRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_grpc_predict_v2_pb2.ModelInferResponse, _abc.Awaitable[_grpc_predict_v2_pb2.ModelInferResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ModelStreamInfer(
+        self,
+        request_iterator: _MaybeAsyncIterator[_grpc_predict_v2_pb2.ModelInferRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_grpc_predict_v2_pb2.ModelStreamInferResponse], _abc.AsyncIterator[_grpc_predict_v2_pb2.ModelStreamInferResponse]]:
+        """Triton's streaming extension: many requests on one stream, each answered (in any order,
+        with its id) by a response or an error_message that does not end the stream.
+        """
 
     @_abc_1.abstractmethod
     def ModelStatistics(

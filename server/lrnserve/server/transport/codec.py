@@ -80,8 +80,8 @@ def request_from_wire(wire: InferRequestWire, time_remaining: float | None) -> I
         output_parameters=tuple(parameters_from_proto(output.parameters) for output in message.outputs),
         time_remaining=time_remaining,
         raw_count=len(raw),
-        started=None if call is None else call.started,
-        lease=None if call is None else call.lease,
+        started=wire.received if wire.received is not None else None if call is None else call.started,
+        lease=wire.lease if wire.lease is not None else None if call is None else call.lease,
     )
 
 

@@ -25,6 +25,7 @@ from lrnserve.client.pb import grpc_predict_v2_pb2_grpc as pb_grpc
 from ..dataplane import DataPlane
 from ..errors import ServingError
 from . import codec, repository_codec
+from .streaming import StreamInfer
 from .wire import InferRequestWire
 
 logger = logging.getLogger(__name__)
@@ -34,8 +35,12 @@ Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     """The protocol's RPCs: protobuf in, one data plane call, protobuf out."""
 
-    def __init__(self, dataplane: DataPlane) -> None:
+    def __init__(self, dataplane: DataPlane, max_stream_inflight: int = 64, max_open_streams: int = 16) -> None:
         self.dataplane = dataplane
+        self.streams = StreamInfer(self._infer, max_stream_inflight, max_open_streams)
+
+    async def _infer(self, request: InferRequestWire, time_remaining: float | None) -> bytes:
+        return codec.response_to_wire(await self.dataplane.infer(codec.request_from_wire(request, time_remaining)))
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=self.dataplane.live())
@@ -58,8 +63,12 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: InferRequestWire, context: Context) -> bytes:  # type: ignore[override]
         """Registered by ``wire.add_inference_service``: a partly parsed request in, the
         serialized response out."""
-        inference = codec.request_from_wire(request, context.time_remaining())
-        return codec.response_to_wire(await self.dataplane.infer(inference))
+        return await self._infer(request, context.time_remaining())
+
+    async def ModelStreamInfer(self, requests: Any, context: Context) -> None:  # type: ignore[override]
+        """Registered by ``wire.add_inference_service`` (``streaming``): answers are written to
+        ``context`` as each request finishes."""
+        await self.streams(requests, context)
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context) -> pb.ModelStatisticsResponse:
         return codec.statistics_to_proto(self.dataplane.statistics(request.name, request.version))

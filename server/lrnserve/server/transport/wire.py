@@ -16,6 +16,7 @@ ModelInfer the server:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,7 @@ import grpc
 from lrnserve.client.pb import grpc_predict_v2_pb2 as pb
 from lrnserve.client.pb import grpc_predict_v2_pb2_grpc as pb_grpc
 
-from ..admission import Budget
+from ..admission import Budget, Lease
 from .calls import CallTracker, current_call
 from .receiving import ReceiveSlots
 
@@ -41,10 +42,14 @@ Buffer = bytes | memoryview
 @dataclass(frozen=True, slots=True)
 class InferRequestWire:
     """A received ModelInfer request; ``raw`` holds its raw_input_contents when they were
-    taken out of ``message`` as views of the received bytes (None: they are in ``message``)."""
+    taken out of ``message`` as views of the received bytes (None: they are in ``message``).
+    A message of a stream has its own ``lease`` and the time it was ``received`` (a unary
+    call's are its call's)."""
 
     message: pb.ModelInferRequest
     raw: list[memoryview] | None = None
+    lease: Lease | None = None
+    received: float | None = None
 
     @property
     def raw_input_contents(self) -> Sequence[Buffer]:
@@ -110,6 +115,18 @@ def decode_infer_request(data: bytes) -> InferRequestWire:
     return _decode(data)
 
 
+def decode_stream_request(data: bytes) -> InferRequestWire:
+    """A message of a ModelStreamInfer stream, charged to a lease of its own (``decode_infer_request``
+    otherwise): each request of a stream is held only until its own answer is handed to gRPC."""
+    received = time.monotonic()
+    call = current_call()
+    lease = None if call is None else call.lease.sibling()
+    if lease is not None and not lease.charge(len(data)):
+        return InferRequestWire(_without_tensors(data), lease=lease, received=received)
+    decoded = _decode(data)
+    return InferRequestWire(decoded.message, decoded.raw, lease, received)
+
+
 def _without_tensors(data: bytes) -> pb.ModelInferRequest:
     split = split_raw_inputs(data) if len(data) >= ZERO_COPY_MIN_BYTES else None
     message = pb.ModelInferRequest.FromString(data if split is None else split[0])
@@ -128,7 +145,7 @@ def _decode(data: bytes) -> InferRequestWire:
     return InferRequestWire(pb.ModelInferRequest.FromString(data))
 
 
-def _length_delimited_key(field: int, length: int) -> bytes:
+def length_delimited_key(field: int, length: int) -> bytes:
     out = bytearray()
     for value in ((field << 3) | LENGTH_DELIMITED, length):
         while value >= 0x80:
@@ -142,7 +159,7 @@ def encode_infer_response(message: pb.ModelInferResponse, raw_outputs: Sequence[
     """``message`` (without raw outputs) serialized, with ``raw_outputs`` as its raw_output_contents."""
     parts: list[Buffer] = [message.SerializeToString()]
     for raw in raw_outputs:
-        parts.append(_length_delimited_key(RAW_OUTPUT_FIELD, memoryview(raw).nbytes))
+        parts.append(length_delimited_key(RAW_OUTPUT_FIELD, memoryview(raw).nbytes))
         parts.append(raw)
     return b"".join(parts)
 
@@ -172,8 +189,8 @@ def add_inference_service(
     slots: ReceiveSlots,
     on_calls: Callable[[int], None] | None = None,
 ) -> CallTracker:
-    """The generated registration, except that ModelInfer takes ``InferRequestWire`` and
-    returns the serialized response as ``bytes``, that its message is received only once one
+    """The generated registration, except that ModelInfer and ModelStreamInfer take
+    ``InferRequestWire`` and return serialized responses as ``bytes``, that its message is received only once one
     of ``slots`` is free (``receiving``), and that every call is tracked from its start
     (returned: the tracker; ``on_calls`` hears how many are in progress). The handlers are
     registered as generic ones only: gRPC's registered-method path skips the lookup the
@@ -183,6 +200,9 @@ def add_inference_service(
     handlers = recorder.handlers
     handlers["ModelInfer"] = grpc.stream_unary_rpc_method_handler(
         slots.reading(servicer.ModelInfer), request_deserializer=decode_infer_request, response_serializer=None
+    )
+    handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
+        servicer.ModelStreamInfer, request_deserializer=decode_stream_request, response_serializer=None
     )
     name = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
     tracker = CallTracker(grpc.method_handlers_generic_handler(name, handlers), budget, on_calls)

@@ -90,6 +90,28 @@ def test_bench_json(server: ServerThread, tmp_path: Path) -> None:
         assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] <= r["max_ms"]
 
 
+def test_bench_stream(server: ServerThread, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    result = lrnserve(
+        "bench", "lrn", "--target", server.target, "--shape", "1,8,6,6", "--concurrency", "1,8", "--stream",
+        "--duration", "0.5", "--warmup", "0.2", "--json", str(out), "--quiet",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "one ModelStreamInfer stream" in result.stdout
+    runs = json.loads(out.read_text())["results"]
+    assert [r["concurrency"] for r in runs] == [1, 8]
+    for r in runs:
+        assert r["requests"] > 0 and r["errors"] == {}
+        assert 0 < r["p50_ms"] <= r["p99_ms"]
+    failing = lrnserve(
+        "bench", "lrn", "--target", server.target, "--shape", "1,2,2,2", "--concurrency", "2", "--stream",
+        "--duration", "0.3", "--warmup", "0", "--json", str(out), "-p", "alpha=-1", "--quiet",
+    )  # fmt: skip
+    assert failing.returncode == 0, failing.stderr
+    (run,) = json.loads(out.read_text())["results"]
+    assert run["requests"] == 0 and run["errors"]["STREAM_ERROR"] > 0
+
+
 def test_bench_counts_errors_by_code(server: ServerThread, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     result = lrnserve(

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import grpc
 import numpy as np
@@ -138,6 +138,44 @@ def test_async_client(server: ServerThread) -> None:
 
 
 # ---- every exception class, from real server answers ----
+
+
+def test_infer_stream_answers_every_input_by_position(client: Client, server: ServerThread) -> None:
+    rng = np.random.default_rng(4)
+    inputs = [rng.standard_normal((1, 6, 5, 5)).astype(np.float32) * (i + 1) for i in range(10)]
+    before = client.statistics("lrn").success_count
+    results = list(client.infer_stream("lrn", iter(inputs), size=3, k=2.0))
+    assert sorted(r.index for r in results) == list(range(10))
+    for r in results:
+        assert r.error is None
+        expected = local_response_norm(torch.from_numpy(inputs[r.index]), 3, 1e-4, 0.75, 2.0).numpy()
+        np.testing.assert_allclose(r.result(), expected, rtol=1e-6)
+    assert client.statistics("lrn").success_count == before + 10
+    # a request that fails is answered with its error, and the stream goes on
+    mixed = list(client.infer_stream("lrn", [inputs[0], inputs[1][0, :2]], size=3, alpha=-1.0))
+    assert sorted(r.index for r in mixed) == [0, 1]
+    for r in mixed:
+        assert isinstance(r.error, LrnserveError) and "parameters.alpha" in r.error.details
+        with pytest.raises(LrnserveError):
+            r.result()
+
+
+def test_async_infer_stream_takes_an_async_iterable(server: ServerThread) -> None:
+    inputs = [np.full((1, 4, 3, 3), float(i + 1), np.float32) for i in range(6)]
+
+    async def produce() -> AsyncIterator[np.ndarray]:
+        for x in inputs:
+            yield x
+
+    async def stream() -> list[tuple[int, np.ndarray]]:
+        async with AsyncClient(server.target, timeout=30) as aclient:
+            return [(r.index, r.result()) async for r in aclient.infer_stream("lrn", produce())]
+
+    results = asyncio.run(stream())
+    assert sorted(i for i, _ in results) == list(range(6))
+    for index, y in results:
+        expected = local_response_norm(torch.from_numpy(inputs[index]), 5).numpy()
+        np.testing.assert_allclose(y, expected, rtol=1e-6)
 
 
 def test_invalid_argument(client: Client) -> None:

@@ -22,6 +22,7 @@ from ._errors import (
     Unavailable,
     Unimplemented,
 )
+from ._stream import StreamResult
 from ._types import Classification, ModelMetadata, ModelStatistics, ServerMetadata, TensorMetadata
 from .version import __version__
 
@@ -43,6 +44,7 @@ __all__ = [
     "ResourceExhausted",
     "Retry",
     "ServerMetadata",
+    "StreamResult",
     "TensorMetadata",
     "Unauthenticated",
     "Unavailable",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -10,8 +11,10 @@ import grpc
 
 from ._base import BaseClient, Operation
 from ._config import open_channel
-from ._errors import LrnserveError
+from ._errors import LrnserveError, error_from_rpc
+from ._stream import STREAM_METHOD, StreamResult, StreamSession
 from ._types import ModelMetadata, ModelStatistics, ServerMetadata
+from .pb import grpc_predict_v2_pb2 as pb
 
 T = TypeVar("T")
 
@@ -74,6 +77,33 @@ class AsyncClient(BaseClient["grpc.aio.UnaryUnaryMultiCallable[Any, Any]"]):  # 
     ) -> Any:
         name = input_name or self._input_names.get(model) or await self._input_name(model, timeout)
         return await self._run(self._infer(model, x, parameters, name), timeout)
+
+    async def infer_stream(
+        self,
+        model: str,
+        inputs: Iterable[Any] | AsyncIterable[Any],
+        *,
+        timeout: float | None = None,
+        input_name: str | None = None,
+        **parameters: Any,
+    ) -> AsyncIterator[StreamResult]:
+        """``Client.infer_stream``, awaited: ``inputs`` may also be an async iterable."""
+        name = input_name or self._input_names.get(model) or await self._input_name(model, None)
+        session = StreamSession(model, parameters, name)
+        requests = session.async_requests(inputs) if isinstance(inputs, AsyncIterable) else session.requests(inputs)
+        call = self._channel.stream_stream(
+            STREAM_METHOD,
+            request_serializer=pb.ModelInferRequest.SerializeToString,
+            response_deserializer=pb.ModelStreamInferResponse.FromString,
+        )
+        answers = call(requests, timeout=timeout, metadata=self._call_metadata)
+        try:
+            async for response in answers:
+                yield session.answer(response)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from exc
+        finally:
+            answers.cancel()
 
     async def classify(self, model: str, images: Any, *, top: int = 5, timeout: float | None = None) -> Any:
         names = self._known_names(model) or self._learn_names(model, await self.metadata(model, timeout=timeout))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -10,8 +11,10 @@ import grpc
 
 from ._base import BaseClient, Operation
 from ._config import open_channel
-from ._errors import LrnserveError
+from ._errors import LrnserveError, error_from_rpc
+from ._stream import STREAM_METHOD, StreamResult, StreamSession
 from ._types import ModelMetadata, ModelStatistics, ServerMetadata
+from .pb import grpc_predict_v2_pb2 as pb
 
 T = TypeVar("T")
 
@@ -78,6 +81,36 @@ class Client(BaseClient["grpc.UnaryUnaryMultiCallable[Any, Any]"]):  # quoted: g
         numpy results are read-only views of the response bytes (``np.array(y)`` copies)."""
         name = input_name or self._input_names.get(model) or self._input_name(model, timeout)
         return self._run(self._infer(model, x, parameters, name), timeout)
+
+    def infer_stream(
+        self,
+        model: str,
+        inputs: Iterable[Any],
+        *,
+        timeout: float | None = None,
+        input_name: str | None = None,
+        **parameters: Any,
+    ) -> Iterator[StreamResult]:
+        """Run ``model`` on each of ``inputs`` over one ModelStreamInfer stream, sending them as
+        they are read; yields a ``StreamResult`` per input as each finishes (any order, with its
+        position). A failed request does not end the stream. ``timeout``: a deadline for the
+        whole stream (default none); a stream is not retried. Iterating further after an error
+        of the stream itself (e.g. UNAVAILABLE on a drain) raises it."""
+        name = input_name or self._input_names.get(model) or self._input_name(model, None)
+        session = StreamSession(model, parameters, name)
+        call = self._channel.stream_stream(
+            STREAM_METHOD,
+            request_serializer=pb.ModelInferRequest.SerializeToString,
+            response_deserializer=pb.ModelStreamInferResponse.FromString,
+        )
+        answers = call(session.requests(inputs), timeout=timeout, metadata=self._call_metadata)
+        try:
+            for response in answers:
+                yield session.answer(response)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from exc
+        finally:
+            answers.cancel()  # a caller that stops iterating early ends the stream
 
     def classify(self, model: str, images: Any, *, top: int = 5, timeout: float | None = None) -> Any:
         """Each image's ``top`` classes, best first, as ``Classification(label, index, score)``

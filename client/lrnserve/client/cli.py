@@ -3,7 +3,7 @@
 lrnserve serve [--config FILE] ...
 lrnserve infer MODEL -i x.npy [-o y.npy | --top K] [-p key=value ...]
 lrnserve health [--model M]            # exit 0 when SERVING: a container HEALTHCHECK
-lrnserve bench MODEL --shape 1,96,55,55 --concurrency 1,8,32 --duration 10 [--json FILE]
+lrnserve bench MODEL --shape 1,96,55,55 --concurrency 1,8,32 --duration 10 [--stream] [--json FILE]
 lrnserve inspect FILE [--prototxt P]   # needs the server extra, as convert does
 lrnserve convert deploy.prototxt --weights model.caffemodel -o model.onnx
 """
@@ -255,9 +255,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 channel_options=client.options,
                 credentials=credentials,
                 metadata=metadata,
+                stream=args.stream,
             )
         )
-    print(f"{args.model} {list(args.shape)} {args.dtype} at {args.target}, {args.duration:g}s per concurrency")
+    how = "one ModelStreamInfer stream" if args.stream else "ModelInfer calls"
+    print(f"{args.model} {list(args.shape)} {args.dtype} at {args.target} ({how}), {args.duration:g}s per concurrency")
     print(bench_table(results))
     if args.json:
         document = {
@@ -340,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--duration", type=positive, default=10.0, metavar="SECONDS", help="per level (default 10)")
     bench.add_argument("--warmup", type=float, default=1.0, metavar="SECONDS", help="untimed, per level (default 1)")
     bench.add_argument("-p", "--parameter", action="append", type=parameter, metavar="KEY=VALUE")
+    bench.add_argument(
+        "--stream", action="store_true", help="one ModelStreamInfer stream with CONCURRENCY requests outstanding"
+    )
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
     add_connection(bench)

@@ -3,7 +3,9 @@
 ``concurrency`` workers each keep exactly one ModelInfer call outstanding for
 ``duration`` seconds (after an untimed warm-up). The request is serialized once
 and responses are not parsed, so the client spends as little CPU as possible
-on a machine it may share with the server.
+on a machine it may share with the server. With ``stream``, one ModelStreamInfer
+stream keeps ``concurrency`` requests outstanding instead (each request's id
+appended to the serialized bytes; answers parsed for their id).
 """
 
 from __future__ import annotations
@@ -128,6 +130,87 @@ async def _run(
         return result
 
 
+def _with_id(payload: bytes, request_id: int) -> bytes:
+    """``payload`` (a serialized ModelInferRequest without an id) with ``id`` = str(request_id):
+    a field appended to a serialized message is read as if it had been set."""
+    text = str(request_id).encode()
+    return payload + bytes((ID_KEY, len(text))) + text
+
+
+ID_KEY = (pb.ModelInferRequest.ID_FIELD_NUMBER << 3) | 2  # field 3, length-delimited
+
+
+async def _run_stream(
+    target: str,
+    payload: bytes,
+    concurrency: int,
+    duration: float,
+    warmup: float,
+    timeout: float | None,
+    progress: Progress | None,
+    channel_options: Sequence[tuple[str, object]],
+    credentials: grpc.ChannelCredentials | None,
+    metadata: Sequence[tuple[str, str]],
+) -> LoadResult:
+    """One ModelStreamInfer stream with ``concurrency`` requests outstanding on it."""
+    options = [
+        ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+        *channel_options,
+    ]
+    async with open_channel(target, options, credentials, aio=True) as channel:
+        stream: grpc.aio.StreamStreamMultiCallable[bytes, pb.ModelStreamInferResponse] = channel.stream_stream(
+            method("ModelStreamInfer"), response_deserializer=pb.ModelStreamInferResponse.FromString
+        )
+        call = stream(timeout=None if timeout is None else timeout + warmup + duration, metadata=metadata)
+        result = LoadResult(concurrency, 0.0)
+        start = time.perf_counter()
+        measure_from = start + warmup
+        stop_at = measure_from + duration
+        slots = asyncio.Semaphore(concurrency)
+        sent_at: dict[str, float] = {}
+
+        async def send() -> None:
+            for request_id in range(2**62):
+                await slots.acquire()
+                now = time.perf_counter()
+                if now >= stop_at:
+                    break
+                sent_at[str(request_id)] = now
+                await call.write(_with_id(payload, request_id))
+            await call.done_writing()
+
+        async def receive() -> None:
+            async for answer in call:
+                done = time.perf_counter()
+                sent = sent_at.pop(answer.infer_response.id, done)
+                slots.release()
+                if sent >= measure_from:
+                    if answer.error_message:
+                        result.errors["STREAM_ERROR"] += 1
+                    else:
+                        result.latencies.append(done - sent)
+
+        async def report() -> None:
+            while True:
+                await asyncio.sleep(0.5)
+                fraction = min(1.0, max(0.0, (time.perf_counter() - start) / (warmup + duration)))
+                if progress is not None:
+                    progress(fraction, result.ok, sum(result.errors.values()))
+
+        reporter = asyncio.create_task(report())
+        try:
+            await asyncio.gather(send(), receive())
+        except grpc.aio.AioRpcError as exc:  # the stream itself failed: what it still held is lost
+            result.errors[exc.code().name] += len(sent_at)
+        finally:
+            reporter.cancel()
+        result.seconds = max(time.perf_counter(), stop_at) - measure_from
+        if progress is not None:
+            progress(1.0, result.ok, sum(result.errors.values()))
+        return result
+
+
 def run_load(
     target: str,
     request: pb.ModelInferRequest,
@@ -140,15 +223,21 @@ def run_load(
     channel_options: Sequence[tuple[str, object]] = (),
     credentials: grpc.ChannelCredentials | None = None,
     metadata: Sequence[tuple[str, str]] = (),
+    stream: bool = False,
 ) -> LoadResult:
     """Closed-loop load at one concurrency; blocks for ``warmup + duration`` seconds.
 
-    ``credentials`` (TLS) and ``metadata`` (e.g. a bearer token) are used as given."""
+    ``stream``: one ModelStreamInfer stream with ``concurrency`` requests outstanding on it
+    (each answer lets the next request go), instead of ``concurrency`` ModelInfer calls at a
+    time. ``credentials`` (TLS) and ``metadata`` (e.g. a bearer token) are used as given."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     if duration <= 0:
         raise ValueError(f"duration must be > 0 seconds, got {duration}")
-    payload = request.SerializeToString()
-    return asyncio.run(
-        _run(target, payload, concurrency, duration, warmup, timeout, progress, channel_options, credentials, metadata)
-    )
+    without_id = pb.ModelInferRequest()
+    without_id.CopyFrom(request)
+    without_id.ClearField("id")
+    payload = without_id.SerializeToString()
+    engine = _run_stream if stream else _run
+    settings = (channel_options, credentials, metadata)
+    return asyncio.run(engine(target, payload, concurrency, duration, warmup, timeout, progress, *settings))

@@ -217,7 +217,10 @@ def test_unknown_output_parameter_is_refused(server: ServerThread, images: np.nd
     with server.channel() as channel, pytest.raises(grpc.RpcError) as caught:
         stub(channel).ModelInfer(request)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert caught.value.details() == "outputs[0].parameters.top: unknown parameter; accepted: classification"
+    assert caught.value.details() == (
+        "outputs[0].parameters.top: unknown parameter; accepted: classification, shared_memory_region, "
+        "shared_memory_byte_size, shared_memory_offset"
+    )
 
 
 # ---- the SDK and the CLI ----

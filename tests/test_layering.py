@@ -16,7 +16,7 @@ PACKAGE = repo_root() / "server" / "lrnserve" / "server"
 LAYERS: list[set[str]] = [
     {"cli", "app", "modeltools"},
     {"transport"},
-    {"dataplane", "validate", "classification", "configuration"},
+    {"dataplane", "validate", "classification", "configuration", "shared_memory"},
     {"repository", "control", "catalog"},
     {"batching"},
     {"executor", "pinned"},

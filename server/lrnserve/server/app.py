@@ -22,12 +22,13 @@ from lrnserve.client.pb import grpc_predict_v2_pb2 as pb
 from lrnserve.client.pb import health_pb2, health_pb2_grpc
 
 from .control import ModelControl
-from .dataplane import DataPlane
+from .dataplane import EXTENSIONS, DataPlane
 from .memory import IdleTrimmer
 from .metrics import Metrics
 from .repository import ModelRepository, ServableFactory, resolve_devices
 from .servables import create_servable
 from .settings import ServerSettings, check_security
+from .shared_memory import SharedMemory
 from .telemetry import Telemetry
 from .transport.auth import TokenAuth
 from .transport.calls import CallTracker
@@ -106,7 +107,11 @@ class LrnServer:
         self.repository = ModelRepository(configured, devices, self.telemetry, servables, settings.device)
         self.health = HealthService([INFERENCE_SERVICE, *names])
         self.control = ModelControl(self.repository, self.telemetry, settings, self.health.set)
-        self.dataplane = DataPlane(self.repository, self.telemetry, settings, control=self.control)
+        shared = SharedMemory(settings.allow_shared_memory)
+        extensions = EXTENSIONS + (("system_shared_memory",) if settings.allow_shared_memory else ())
+        self.dataplane = DataPlane(
+            self.repository, self.telemetry, settings, extensions, control=self.control, shared_memory=shared
+        )
         self.trimmer = IdleTrimmer(settings.idle_trim_seconds)
         self.grpc_port = 0
         self.metrics_port: int | None = None

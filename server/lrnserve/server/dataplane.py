@@ -17,8 +17,10 @@ from pathlib import Path
 
 import grpc
 
+from lrnserve.client.datatypes import from_wire
 from lrnserve.client.version import __version__
 
+from . import shared_memory
 from .admission import Budget, Lease
 from .classification import BYTES, classify
 from .configuration import ModelConfiguration, describe
@@ -29,11 +31,13 @@ from .inference import (
     InferenceResponse,
     ModelMetadata,
     OutputTensor,
+    ParameterValue,
     ServerMetadata,
 )
 from .repository import ModelRepository, ServedModel
 from .servables import Servable
 from .settings import ServerSettings
+from .shared_memory import SharedMemory
 from .statistics import ModelStatistics
 from .telemetry import Telemetry
 from .validate import Limits, Validated, bytes_text, validate
@@ -77,8 +81,10 @@ class DataPlane:
         settings: ServerSettings,
         extensions: tuple[str, ...] = EXTENSIONS,
         control: ModelControl | None = None,
+        shared_memory: SharedMemory | None = None,
     ) -> None:
         self.repository = repository
+        self.shared_memory = shared_memory if shared_memory is not None else SharedMemory(enabled=False)
         self.control = control
         self.telemetry = telemetry
         self.extensions = extensions
@@ -185,12 +191,14 @@ class DataPlane:
             assert model.servable is not None and model.batcher is not None  # ready
             if lease.refused:
                 raise self._busy(lease.refused)
+            request = self._inputs_from_shared_memory(request)
             valid = validate(request, model.servable, self._limits_of(model), arrival)
+            into = self._output_window(request, valid)
             self._admit(lease, valid.nbytes if request.lease is None else 0, valid.output_bytes)
             raw = await model.batcher.submit(valid.work, valid.deadline)
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceeded(f"model '{model.name}': the answer was ready after the caller's deadline")
-            return await self._answer(model, request, valid, raw)
+            return await self._answer(model, request, valid, raw, into)
         except BaseException as exc:
             code = outcome(exc, deadline)
             raise
@@ -239,12 +247,70 @@ class DataPlane:
             raise Unavailable(f"model '{model.name}' is not ready; retry shortly")
         return model
 
-    @staticmethod
+    # ---- system shared memory (the extension) ----
+
+    def _inputs_from_shared_memory(self, request: InferenceRequest) -> InferenceRequest:
+        """Inputs that name a shared memory window, read from it in place (a view of the mapping)."""
+        if not any(tensor.parameters for tensor in request.inputs):
+            return request
+        inputs = []
+        for i, tensor in enumerate(request.inputs):
+            field = f"inputs[{i}].parameters"
+            where = shared_memory.window(tensor.parameters, field)
+            if where is None:
+                inputs.append(tensor)
+                continue
+            if tensor.raw is not None or tensor.contents_fields:
+                raise InvalidArgument(
+                    f"{field}.{shared_memory.REGION}: the tensor's data is also in the message; send it one way"
+                )
+            datatype = from_wire(tensor.datatype)
+            if datatype is not None and tensor.shape and all(d >= 1 for d in tensor.shape):
+                needed = math.prod(tensor.shape) * datatype.itemsize
+                if where.byte_size != needed:
+                    raise InvalidArgument(
+                        f"{field}.{shared_memory.BYTE_SIZE}: {where.byte_size} bytes, but {list(tensor.shape)} "
+                        f"{datatype.wire} is {needed} bytes"
+                    )
+            inputs.append(replace(tensor, raw=self.shared_memory.slice(where, field)))
+        raw_count = len(inputs) if all(tensor.raw is not None for tensor in inputs) else request.raw_count
+        return replace(request, inputs=tuple(inputs), raw_count=raw_count)
+
+    def _output_window(self, request: InferenceRequest, valid: Validated) -> shared_memory.Window | None:
+        """Where the answer goes when the request asks for shared memory: checked before compute."""
+        field = "outputs[0].parameters"
+        where = shared_memory.window(request.output_parameters[0], field) if request.output_parameters else None
+        if where is None:
+            return None
+        if where.byte_size < valid.output_bytes:
+            raise InvalidArgument(
+                f"{field}.{shared_memory.BYTE_SIZE}: {where.byte_size} bytes, but the output "
+                f"{list(valid.output_shape)} {valid.datatype.wire} is {valid.output_bytes} bytes"
+            )
+        self.shared_memory.slice(where, field)  # registered, and the window inside its region
+        return where
+
     async def _answer(
-        model: ServedModel, request: InferenceRequest, valid: Validated, raw: bytes | memoryview
+        self,
+        model: ServedModel,
+        request: InferenceRequest,
+        valid: Validated,
+        raw: bytes | memoryview,
+        into: shared_memory.Window | None = None,
     ) -> InferenceResponse:
         assert model.servable is not None
         name = model.servable.output_name
+        if into is not None:
+            target = self.shared_memory.slice(into, "outputs[0].parameters")  # not unregistered meanwhile
+            written = memoryview(raw).cast("B")
+            target[: written.nbytes] = written
+            written_to: dict[str, ParameterValue] = {
+                shared_memory.REGION: into.region,
+                shared_memory.BYTE_SIZE: written.nbytes,
+                shared_memory.OFFSET: into.offset,
+            }
+            output = OutputTensor(name, valid.datatype.wire, valid.output_shape, None, written_to)
+            return InferenceResponse(model=model.name, version=model.version, id=request.id, outputs=(output,))
         if valid.classification is not None:
             k, labels = valid.classification, model.servable.labels
             if valid.output_shape[0] * k <= INLINE_CLASSES:

@@ -30,6 +30,7 @@ class InputTensor:
     raw: bytes | memoryview | None = None  # raw_input_contents entry (a view of the message), if any
     contents: np.ndarray | None = None  # typed contents, already as an array (when one field had values)
     contents_fields: tuple[str, ...] = ()  # the typed fields that carried values
+    parameters: Mapping[str, ParameterValue | None] = field(default_factory=dict)  # e.g. shared memory
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,8 @@ class OutputTensor:
     name: str
     datatype: str
     shape: tuple[int, ...]
-    raw: bytes | memoryview
+    raw: bytes | memoryview | None  # None: written to shared memory, named by ``parameters``
+    parameters: Mapping[str, ParameterValue] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -254,6 +254,14 @@ class ServerSettings:
         Integer(1, 65536),
         "requests one ModelStreamInfer stream may have in flight; its next message is read once one is answered",
     )
+    allow_shared_memory: bool = setting(
+        False,
+        Boolean(),
+        "serve Triton's system shared memory extension: same-host clients pass tensors in regions under "
+        "/dev/shm (Triton's --allow-client-shm)",
+        flags=("--allow-shared-memory",),
+        flag_sets=True,
+    )
     max_open_streams: int = setting(
         16,
         Integer(1, 1_000_000),

@@ -22,6 +22,8 @@ from lrnserve.client.datatypes import DataType, from_wire, wire_names
 from .errors import InvalidArgument, ResourceExhausted
 from .inference import InferenceRequest, InputTensor, ParameterValue
 from .servables import Resolved, Servable
+from .shared_memory import PARAMETERS as SHARED_MEMORY_PARAMETERS
+from .shared_memory import REGION as SHARED_MEMORY_REGION
 from .work import Work
 
 IMPOSSIBLE_ELEMENTS = 2**63
@@ -206,9 +208,16 @@ def _check_outputs(request: InferenceRequest, servable: Servable) -> int | None:
             )
         parameters = request.output_parameters[i] if i < len(request.output_parameters) else {}
         for key, value in parameters.items():
-            if key != CLASSIFICATION:
-                raise InvalidArgument(f"outputs[{i}].parameters.{key}: unknown parameter; accepted: {CLASSIFICATION}")
-            classification = _class_count(value, servable, f"outputs[{i}].parameters.{key}")
+            if key == CLASSIFICATION:
+                classification = _class_count(value, servable, f"outputs[{i}].parameters.{key}")
+            elif key not in SHARED_MEMORY_PARAMETERS:
+                accepted = ", ".join((CLASSIFICATION, *SHARED_MEMORY_PARAMETERS))
+                raise InvalidArgument(f"outputs[{i}].parameters.{key}: unknown parameter; accepted: {accepted}")
+        if classification is not None and SHARED_MEMORY_REGION in parameters:
+            raise InvalidArgument(
+                f"outputs[{i}].parameters.{SHARED_MEMORY_REGION}: a classification answer (BYTES) is sent in the "
+                "message, not to shared memory"
+            )
     return classification
 
 

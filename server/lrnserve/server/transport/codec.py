@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from lrnserve.client._tensors import set_parameter
 from lrnserve.client.pb import grpc_predict_v2_pb2 as pb
 from lrnserve.client.protocol import CONTENTS_FIELDS  # typed contents fields -> numpy type of their values
 
@@ -24,6 +25,7 @@ from ..inference import (
     ParameterValue,
     ServerMetadata,
 )
+from ..shared_memory import Region
 from ..statistics import Duration, ModelStatistics
 from .calls import current_call
 from .wire import InferRequestWire, encode_infer_response
@@ -68,6 +70,7 @@ def request_from_wire(wire: InferRequestWire, time_remaining: float | None) -> I
                 raw=raw[i] if i < len(raw) else None,
                 contents=contents,
                 contents_fields=fields,
+                parameters=parameters_from_proto(tensor.parameters) if tensor.parameters else {},
             )
         )
     return InferenceRequest(
@@ -88,8 +91,18 @@ def request_from_wire(wire: InferRequestWire, time_remaining: float | None) -> I
 def response_to_wire(response: InferenceResponse) -> bytes:
     message = pb.ModelInferResponse(model_name=response.model, model_version=response.version, id=response.id)
     for output in response.outputs:
-        message.outputs.add(name=output.name, datatype=output.datatype, shape=output.shape)
-    return encode_infer_response(message, [output.raw for output in response.outputs])
+        tensor = message.outputs.add(name=output.name, datatype=output.datatype, shape=output.shape)
+        for name, value in output.parameters.items():  # an output written to shared memory says where
+            set_parameter(tensor.parameters[name], name, value)
+    return encode_infer_response(message, [output.raw for output in response.outputs if output.raw is not None])
+
+
+def shared_memory_status_to_proto(regions: list[Region]) -> pb.SystemSharedMemoryStatusResponse:
+    response = pb.SystemSharedMemoryStatusResponse()
+    for region in regions:
+        entry = response.regions[region.name]
+        entry.name, entry.key, entry.offset, entry.byte_size = region.name, region.key, region.offset, region.byte_size
+    return response
 
 
 def model_metadata_to_proto(metadata: ModelMetadata) -> pb.ModelMetadataResponse:

@@ -16,10 +16,14 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+import torch
 from harness import ServerThread, gated_server, infer_request, lrn_model, output_array, settings, stub, wait_until
 
+from lrnserve.client import Client, FailedPrecondition
 from lrnserve.client._tensors import set_parameter
 from lrnserve.client.pb import grpc_predict_v2_pb2 as pb
+from lrnserve.server.servables import NetworkServable
+from lrnserve.server.settings import ModelConfig
 from reference import lrn_reference
 
 SHAPE = (2, 8, 5, 6)
@@ -257,3 +261,29 @@ def test_tritonclient_shared_memory_helpers_work_unchanged(server: ServerThread,
     assert set(report["status"]["regions"]) == {"in", "out"}
     assert report["status"]["regions"]["in"]["key"] == "/lrnserve_test_in"
     assert not report["after"].get("regions")
+
+
+def test_the_sdk_same_host_mode_passes_tensors_through_shared_memory() -> None:
+    config = settings(lrn_model("lrn"), ModelConfig(name="cifar10_full", kind="cifar10_full"), allow_shared_memory=True)
+    rng = np.random.default_rng(11)
+    with ServerThread(config) as running, running.channel() as channel:
+        with Client(running.target, same_host=True, timeout=WAIT) as client:
+            for shape in ((1, 4, 3, 3), (4, 16, 32, 32), (2, 4, 3, 3)):  # the regions grow, then serve smaller
+                x = rng.standard_normal(shape).astype(np.float32)
+                np.testing.assert_allclose(client.lrn(x, size=3, k=2.0), reference(x, 3, 2.0), rtol=1e-6)
+            regions = status(channel)
+            assert len(regions) == 2 and all(key.startswith("/lrnserve_") for key, _, _ in regions.values())
+            assert all(Path("/dev/shm", key.lstrip("/")).exists() for key, _, _ in regions.values())
+            images = rng.standard_normal((3, 3, 32, 32)).astype(np.float32)
+            probabilities = client.infer("cifar10_full", images)  # an answer of another shape than its input
+            network = running.server.repository.get("cifar10_full").servable
+            assert isinstance(network, NetworkServable)
+            with torch.inference_mode():
+                expected = network.network(torch.from_numpy(images)).numpy()
+            np.testing.assert_allclose(probabilities, expected, rtol=1e-5, atol=1e-7)
+        assert status(channel) == {}  # closing the client unregistered its regions
+        assert not any(Path("/dev/shm", key.lstrip("/")).exists() for key, _, _ in regions.values())
+    plain = ServerThread(settings(lrn_model("lrn")))
+    with plain, Client(plain.target, same_host=True, timeout=WAIT) as c, pytest.raises(FailedPrecondition) as off:
+        c.lrn(np.ones((1, 2, 2, 2), np.float32))
+    assert "--allow-shared-memory" in str(off.value)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from types import TracebackType
@@ -12,9 +14,12 @@ import grpc
 from ._base import BaseClient, Operation
 from ._config import open_channel
 from ._errors import LrnserveError, error_from_rpc
+from ._same_host import SameHost, answer_bytes
 from ._stream import STREAM_METHOD, StreamResult, StreamSession
+from ._tensors import encode, lrn_parameters
 from ._types import ModelMetadata, ModelStatistics, ServerMetadata
 from .pb import grpc_predict_v2_pb2 as pb
+from .protocol import method
 
 T = TypeVar("T")
 
@@ -26,11 +31,16 @@ class Client(BaseClient["grpc.UnaryUnaryMultiCallable[Any, Any]"]):  # quoted: g
     ...     y = client.lrn(x, size=5, alpha=1e-4)
     """
 
-    def __init__(self, target: Any, **options: Any) -> None:
+    def __init__(self, target: Any, *, same_host: bool = False, **options: Any) -> None:
+        """``same_host``: pass tensors through system shared memory (``_same_host``) to a server on
+        this machine started with ``--allow-shared-memory``; other options as ``BaseClient``'s."""
         super().__init__(target, **options)
         self._channel: grpc.Channel = open_channel(
             self.target, self.options, self._credentials(), self.compression, aio=False
         )
+        self._same_host = SameHost() if same_host else None
+        self._same_host_lock = threading.Lock()
+        self._metadata_of: dict[str, ModelMetadata] = {}
 
     def __enter__(self) -> Client:
         return self
@@ -39,6 +49,12 @@ class Client(BaseClient["grpc.UnaryUnaryMultiCallable[Any, Any]"]):  # quoted: g
         self.close()
 
     def close(self) -> None:
+        if self._same_host is not None:
+            with self._same_host_lock:
+                for operation in self._same_host.close():
+                    # A server that is gone or forgot the region has nothing to give back.
+                    with contextlib.suppress(LrnserveError):
+                        self._run(operation, 10.0)
         self._channel.close()
 
     def _run(self, op: Operation[T], timeout: float | None) -> T:
@@ -80,7 +96,26 @@ class Client(BaseClient["grpc.UnaryUnaryMultiCallable[Any, Any]"]):  # quoted: g
         ``input_name``: the model's input tensor; by default learnt once from its metadata.
         numpy results are read-only views of the response bytes (``np.array(y)`` copies)."""
         name = input_name or self._input_names.get(model) or self._input_name(model, timeout)
+        if self._same_host is not None:
+            return self._infer_same_host(model, x, parameters, name, timeout)
         return self._run(self._infer(model, x, parameters, name), timeout)
+
+    def _infer_same_host(
+        self, model: str, x: Any, parameters: dict[str, Any], input_name: str, timeout: float | None
+    ) -> Any:
+        assert self._same_host is not None
+        metadata = self._metadata_of.get(model)
+        if metadata is None:
+            metadata = self._metadata_of[model] = self.metadata(model, timeout=timeout)
+        request, decoder = encode(model, x, parameters, input_name)
+        needed = answer_bytes(metadata, tuple(request.inputs[0].shape), request.inputs[0].datatype)
+        with self._same_host_lock:
+            for operation in self._same_host.fit("input", len(request.raw_input_contents[0])):
+                self._run(operation, timeout)
+            for operation in self._same_host.fit("output", needed):
+                self._run(operation, timeout)
+            placed, shared = self._same_host.place(request, decoder, metadata.outputs[0].name)
+            return self._run(Operation(method("ModelInfer"), placed, pb.ModelInferResponse, shared.decode), timeout)
 
     def infer_stream(
         self,
@@ -139,4 +174,6 @@ class Client(BaseClient["grpc.UnaryUnaryMultiCallable[Any, Any]"]):  # quoted: g
         timeout: float | None = None,
     ) -> Any:
         """LRN of ``x``; parameters left as None take the served model's defaults."""
+        if self._same_host is not None:
+            return self._infer_same_host(model, x, lrn_parameters(mode, size, alpha, beta, k), "input", timeout)
         return self._run(self._lrn(x, model, mode, size, alpha, beta, k), timeout)

@@ -7,15 +7,15 @@ with no stream. The ``cuda`` tests run it for real where a device exists (``make
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import logging
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping
 
 import numpy as np
 import pytest
 import torch
 from harness import ServerThread, infer_request, metric_value, output_array, scrape, settings, stub
+from test_executor import run_batch
 
 from lrnserve.server import cuda
 from lrnserve.server.executor import Executor
@@ -23,7 +23,7 @@ from lrnserve.server.ops import local_response_norm
 from lrnserve.server.pinned import MIN_CLASS, PinnedPool, size_class
 from lrnserve.server.servables import LRNServable, NetworkServable
 from lrnserve.server.settings import BatchingPolicy, ModelConfig
-from lrnserve.server.work import BatchResult, Work
+from lrnserve.server.work import Work
 
 CPU = torch.device("cpu")
 has_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -121,17 +121,6 @@ class CountingNetwork(NetworkServable):
 
 def network_work(x: np.ndarray) -> Work:
     return Work(x.view(np.uint8).reshape(-1), x.shape, torch.float32, (), {})
-
-
-def run_batch(executor: Executor, items: Sequence[Work]) -> BatchResult:
-    async def submit() -> object:
-        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-        executor.submit(items, future.set_result)
-        return await asyncio.wait_for(future, timeout=60)
-
-    result = asyncio.run(submit())
-    assert isinstance(result, BatchResult), result
-    return result
 
 
 def as_rows(output: object, rows: int) -> np.ndarray:

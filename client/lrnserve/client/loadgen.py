@@ -68,6 +68,23 @@ class LoadResult:
 Progress = Callable[[float, int, int], None]  # (fraction done, ok so far, errors so far)
 
 
+def _options(channel_options: Sequence[tuple[str, object]]) -> list[tuple[str, object]]:
+    return [
+        ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+        *channel_options,
+    ]
+
+
+async def _report(result: LoadResult, start: float, total: float, progress: Progress | None) -> None:
+    """Tell ``progress`` how far the run is, every half second, until cancelled."""
+    while True:
+        await asyncio.sleep(0.5)
+        if progress is not None:
+            fraction = min(1.0, max(0.0, (time.perf_counter() - start) / total))
+            progress(fraction, result.ok, sum(result.errors.values()))
+
+
 async def _run(
     target: str,
     payload: bytes,
@@ -80,12 +97,7 @@ async def _run(
     credentials: grpc.ChannelCredentials | None,
     metadata: Sequence[tuple[str, str]],
 ) -> LoadResult:
-    options = [
-        ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
-        ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
-        *channel_options,
-    ]
-    async with open_channel(target, options, credentials, aio=True) as channel:
+    async with open_channel(target, _options(channel_options), credentials, aio=True) as channel:
         # bytes in, bytes out: no (de)serialization
         call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(method("ModelInfer"))
         result = LoadResult(concurrency, 0.0)
@@ -110,15 +122,7 @@ async def _run(
                     else:
                         result.errors[code] += 1
 
-        async def report() -> None:
-            while True:
-                await asyncio.sleep(0.5)
-                now = time.perf_counter()
-                fraction = min(1.0, max(0.0, (now - start) / (warmup + duration)))
-                if progress is not None:
-                    progress(fraction, result.ok, sum(result.errors.values()))
-
-        reporter = asyncio.create_task(report())
+        reporter = asyncio.create_task(_report(result, start, warmup + duration, progress))
         try:
             await asyncio.gather(*(worker() for _ in range(concurrency)))
         finally:
@@ -153,12 +157,7 @@ async def _run_stream(
     metadata: Sequence[tuple[str, str]],
 ) -> LoadResult:
     """One ModelStreamInfer stream with ``concurrency`` requests outstanding on it."""
-    options = [
-        ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
-        ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
-        *channel_options,
-    ]
-    async with open_channel(target, options, credentials, aio=True) as channel:
+    async with open_channel(target, _options(channel_options), credentials, aio=True) as channel:
         stream: grpc.aio.StreamStreamMultiCallable[bytes, pb.ModelStreamInferResponse] = channel.stream_stream(
             method("ModelStreamInfer"), response_deserializer=pb.ModelStreamInferResponse.FromString
         )
@@ -191,14 +190,7 @@ async def _run_stream(
                     else:
                         result.latencies.append(done - sent)
 
-        async def report() -> None:
-            while True:
-                await asyncio.sleep(0.5)
-                fraction = min(1.0, max(0.0, (time.perf_counter() - start) / (warmup + duration)))
-                if progress is not None:
-                    progress(fraction, result.ok, sum(result.errors.values()))
-
-        reporter = asyncio.create_task(report())
+        reporter = asyncio.create_task(_report(result, start, warmup + duration, progress))
         try:
             await asyncio.gather(send(), receive())
         except grpc.aio.AioRpcError as exc:  # the stream itself failed: what it still held is lost

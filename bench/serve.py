@@ -22,7 +22,8 @@ The baseline the issue names, Seldon's MLServer with adaptive batching serving
 torch's stock LRN, runs beside them in the same repetitions for the lrn cases
 (set it up once with ``bash bench/mlserver_baseline/setup.sh``; ``--no-mlserver``
 skips it), and so does the transport's limit: bench/grpc_echo.py, which answers
-without reading the request (``--no-echo`` skips it).
+without reading the request (``--no-echo`` skips it). ``--stream`` adds the batching server
+loaded over one ModelStreamInfer stream (``concurrency`` requests outstanding on it).
 
 BENCH_DELAY_US=N overrides max_queue_delay_us of the batching server;
 --instances/--threads set the models' instance layout (default: the server's
@@ -218,6 +219,7 @@ class Variant:
     metrics: bool = True
     # lrnserve; "mlserver": MLServer serving torch's stock LRN; "echo": bench/grpc_echo.py (both lrn only)
     kind: str = "lrnserve"
+    stream: bool = False  # the load over one ModelStreamInfer stream instead of ModelInfer calls
 
     @property
     def baseline(self) -> bool:
@@ -239,6 +241,7 @@ UNBATCHED = Variant("unbatched", 1)
 METRICS_OFF = Variant("batched, metrics off", 32, metrics=False)
 MLSERVER = Variant("MLServer", 32, kind="mlserver")
 ECHO = Variant("gRPC echo", 0, kind="echo")
+STREAMED = Variant("batched, one stream", 32, stream=True)
 
 Runs = dict[Variant, dict[tuple[str, int], list["Cell"]]]
 
@@ -246,7 +249,7 @@ Runs = dict[Variant, dict[tuple[str, int], list["Cell"]]]
 def measure_cell(target: str, variant: Variant, case: Case, concurrency: int, duration: float) -> Cell:
     counts = (lambda: {}) if variant.baseline else (lambda: batch_counts(target, case.model))  # baselines: unknown
     before = counts()
-    result = run_load(target, request_for(case), concurrency, duration, warmup=1.0)
+    result = run_load(target, request_for(case), concurrency, duration, warmup=1.0, stream=variant.stream)
     after = counts()
     formed = {size: after[size] - before.get(size, 0) for size in after if after[size] > before.get(size, 0)}
     cell = Cell(result, formed)
@@ -444,6 +447,9 @@ def main() -> None:
     )
     parser.add_argument("--no-echo", action="store_true", help="skip the gRPC echo limit (bench/grpc_echo.py)")
     parser.add_argument(
+        "--stream", action="store_true", help="also the batching server loaded over one ModelStreamInfer stream"
+    )
+    parser.add_argument(
         "--device", choices=("cpu", "cuda"), default="cpu", help="where the models run (cuda: no MLServer baseline)"
     )
     args = parser.parse_args()
@@ -462,12 +468,14 @@ def main() -> None:
         instances, threads = LAYOUT.resolved(case)
         print(f"  {case.model}: {instances} instance(s) x {threads} CPU thread(s)")
     variants = [BATCHED, UNBATCHED] + ([] if args.no_mlserver else [MLSERVER]) + ([] if args.no_echo else [ECHO])
+    variants += [STREAMED] if args.stream else []
     with ceiling_child() as child:
         runs = measure(variants, cases, concurrencies, args.duration, args.reps, ceilings=child)
     batched = {key: Summary.of(cells) for key, cells in runs[BATCHED].items()}
     unbatched = {key: Summary.of(cells) for key, cells in runs[UNBATCHED].items()}
     baseline = {key: Summary.of(cells) for key, cells in runs.get(MLSERVER, {}).items()}
     echo = {key: Summary.of(cells) for key, cells in runs.get(ECHO, {}).items()}
+    streamed = {key: Summary.of(cells) for key, cells in runs.get(STREAMED, {}).items()}
     overhead: dict[str, tuple[float, float]] = {}
     if not args.skip_metrics_overhead:
         top = max(concurrencies)
@@ -486,6 +494,7 @@ def main() -> None:
         f"{'case':26}{'conc':>5}{'batched/s':>11}{'p50':>8}{'p99':>8}{'unbatched/s':>13}{'p50':>8}{'p99':>8}"
         f"{'batch/unb':>10}{'wins':>6}{'mean batch':>11}{'ceiling/s':>11}{'served/ceil':>12}"
         f"{'MLServer/s':>12}{'vs MLServer':>12}{'echo/s':>9}{'of echo':>9}"
+        + (f"{'stream/s':>10}{'stream/unary':>13}" if streamed else "")
     )
     print(header)
     print("-" * len(header))
@@ -496,7 +505,9 @@ def main() -> None:
             m = baseline.get((case.key, concurrency))
             versus = f"{m.throughput:12.1f}{b.throughput / m.throughput:11.1f}x" if m else f"{'':24}"
             e = echo.get((case.key, concurrency))
-            versus += f"{e.throughput:9.1f}{b.throughput / e.throughput:9.0%}" if e else ""
+            versus += f"{e.throughput:9.1f}{b.throughput / e.throughput:9.0%}" if e else f"{'':18}"
+            st = streamed.get((case.key, concurrency))
+            versus += f"{st.throughput:10.1f}{st.throughput / b.throughput:12.2f}x" if st else ""
             print(
                 f"{case.label:26}{concurrency:>5}{b.throughput:11.1f}{b.latency_text()}"
                 f"{u.throughput:13.1f}{u.latency_text()}{b.throughput / u.throughput:9.2f}x"

@@ -135,7 +135,11 @@ def test_a_flood_of_large_requests_stays_within_the_memory_model(tmp_path: Path)
             # And back to its idle size, flood after flood (the 10 %): with the threads
             # sharing one C heap (allocator_arenas), which the idle trim gives back whole.
             # With two heaps the tops of the others kept 10-26 % more; with glibc's 8 per core, 1.7-2 x.
-            assert settled <= before * 1.10, f"not back within 10 % of the idle {before >> 20} MiB in 5 s: {report}"
+            # The first flood also grows what a cold server had not set up yet (connections, gRPC's
+            # and the allocator's pools: 0.6-11 % of this small server in four runs), so it may
+            # settle up to 20 % above the cold size; every later one within 10 % of its idle size.
+            allowed = 1.20 if round_ == 0 else 1.10
+            assert settled <= before * allowed, f"not back within {allowed - 1:.0%} of the idle size: {report}"
         print("flood rounds (round, idle before MiB, peak MiB, lowest in the 5 s after MiB, codes):", report)
     finally:
         for channel in channels:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -19,9 +20,10 @@ import pytest
 import torch
 from harness import ServerThread, gated_server, infer_request, lrn_model, output_array, settings, stub, wait_until
 
-from lrnserve.client import Client, FailedPrecondition
+from lrnserve.client import Client, FailedPrecondition, InvalidArgument
 from lrnserve.client._tensors import set_parameter
 from lrnserve.client.pb import grpc_predict_v2_pb2 as pb
+from lrnserve.server.errors import PermissionDenied
 from lrnserve.server.servables import NetworkServable
 from lrnserve.server.settings import ModelConfig
 from reference import lrn_reference
@@ -179,7 +181,8 @@ def test_a_region_unregistered_while_a_request_uses_it(segment: shared_memory.Sh
         assert "no shared memory region 'in'" in str(
             refused(channel, shm_request("lrn", SHAPE, window("in", NBYTES))).details()
         )
-        # The output region goes while its request computes: the answer has nowhere to go.
+        # The output region goes while its request computes: the answer still lands in it (the
+        # request took its view of the mapping when it was validated), and later requests are refused.
         register(channel, "in", segment.name, 0, NBYTES)
         lrn.started.clear()
         lrn.gate.clear()
@@ -189,11 +192,44 @@ def test_a_region_unregistered_while_a_request_uses_it(segment: shared_memory.Sh
         assert lrn.started.wait(WAIT)
         unregister(pb.SystemSharedMemoryUnregisterRequest(name="out"), timeout=WAIT)
         lrn.gate.set()
-        with pytest.raises(grpc.RpcError) as error:
-            call.result(timeout=WAIT)
-        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "no shared memory region 'out'" in str(error.value.details())
+        assert len(call.result(timeout=WAIT).raw_output_contents) == 0
+        np.testing.assert_allclose(np.ndarray(SHAPE, np.float32, segment.buf, offset=NBYTES), want, rtol=1e-6)
+        late = refused(channel, shm_request("lrn", SHAPE, window("in", NBYTES), window("out", NBYTES)))
+        assert "no shared memory region 'out'" in str(late.details())
         wait_until(lambda: running.server.dataplane.budget.used == 0, "both requests ended")
+
+
+def test_a_shrunk_file_or_another_users_file_is_refused(
+    server: ServerThread, segment: shared_memory.SharedMemory
+) -> None:
+    path = Path("/dev/shm", segment.name)
+    with server.channel() as channel:
+        register(channel, "in", segment.name, 0, NBYTES)
+        os.truncate(path, 64)  # the client shrinks its file (this test then never touches its pages)
+        shrunk = refused(channel, shm_request("lrn", SHAPE, window("in", NBYTES)))
+        assert shrunk.code() == grpc.StatusCode.INVALID_ARGUMENT and "no longer holds" in str(shrunk.details())
+        os.truncate(path, segment.size)
+        if os.geteuid() == 0:  # only root can give a file away
+            os.chown(path, 65534, 65534)
+            with pytest.raises(grpc.RpcError) as foreign:
+                register(channel, "theirs", segment.name, 0, NBYTES)
+            assert "belongs to another user" in str(foreign.value.details())
+
+
+def test_only_callers_on_this_host_may_name_shared_memory(
+    server: ServerThread, segment: shared_memory.SharedMemory
+) -> None:
+    from lrnserve.server.inference import InferenceRequest, InputTensor
+    from lrnserve.server.transport.codec import is_local_peer
+
+    assert [is_local_peer(p) for p in ("ipv4:127.0.0.1:5", "ipv6:[::1]:5", "unix:/run/x.sock")] == [True] * 3
+    assert [is_local_peer(p) for p in ("ipv4:10.1.2.3:5", "ipv6:[2001:db8::1]:5", "ipv4:128.0.0.1:5")] == [False] * 3
+    with server.channel() as channel:
+        register(channel, "in", segment.name, 0, NBYTES)
+    tensor = InputTensor("input", "FP32", SHAPE, parameters=window("in", NBYTES))  # type: ignore[arg-type]
+    remote = InferenceRequest("lrn", "", "", (tensor,), local=False)
+    with pytest.raises(PermissionDenied, match="only for callers on the server's host"):
+        server.call(server.server.dataplane.infer(remote))
 
 
 def test_off_unless_allowed(segment: shared_memory.SharedMemory) -> None:
@@ -274,6 +310,15 @@ def test_the_sdk_same_host_mode_passes_tensors_through_shared_memory() -> None:
             regions = status(channel)
             assert len(regions) == 2 and all(key.startswith("/lrnserve_") for key, _, _ in regions.values())
             assert all(Path("/dev/shm", key.lstrip("/")).exists() for key, _, _ in regions.values())
+            # The server forgets every region (as after a restart): the client registers new ones and retries.
+            stub(channel).SystemSharedMemoryUnregister(pb.SystemSharedMemoryUnregisterRequest(), timeout=WAIT)
+            x = rng.standard_normal((2, 4, 3, 3)).astype(np.float32)
+            np.testing.assert_allclose(client.lrn(x, size=3, k=2.0), reference(x, 3, 2.0), rtol=1e-6)
+            assert len(status(channel)) == 2 and set(status(channel)).isdisjoint(regions)  # new names
+            with pytest.raises(InvalidArgument, match=r"parameters\.alpha"):
+                client.lrn(x, alpha=-1.0)
+            np.testing.assert_allclose(client.lrn(x, size=3, k=2.0), reference(x, 3, 2.0), rtol=1e-6)
+            regions = status(channel)
             images = rng.standard_normal((3, 3, 32, 32)).astype(np.float32)
             probabilities = client.infer("cifar10_full", images)  # an answer of another shape than its input
             network = running.server.repository.get("cifar10_full").servable

@@ -294,3 +294,18 @@ def test_streams_beyond_max_open_streams_are_refused() -> None:
             np.testing.assert_allclose(y, expected(3.0), rtol=1e-6)
         finally:
             first.call.cancel()
+
+
+def test_an_idle_open_stream_does_not_hold_off_the_idle_trim() -> None:
+    """A stream with nothing in flight is no call at work: the heap is trimmed while it stays open."""
+    running = ServerThread(settings(lrn_model("lrn"), idle_trim_seconds=0.2))
+    with running, running.channel() as channel:
+        stream = Stream(channel)
+        try:
+            stream.send(lrn_request("lrn", 1.0, "a"))
+            assert answered(stream.receive())[0] == "a"
+            trims = running.server.trimmer.trims
+            wait_until(lambda: running.server.trimmer.trims > trims, "a trim while the stream is open and idle", WAIT)
+            assert calls_in_progress(running) == 1  # the stream is still open
+        finally:
+            stream.call.cancel()

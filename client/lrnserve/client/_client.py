@@ -14,7 +14,7 @@ import grpc
 from ._base import BaseClient, Operation
 from ._config import open_channel
 from ._errors import LrnserveError, error_from_rpc
-from ._same_host import SameHost, answer_bytes
+from ._same_host import SameHost, answer_bytes, discard, register_op, unregister_op
 from ._stream import STREAM_METHOD, StreamResult, StreamSession
 from ._tensors import encode, lrn_parameters
 from ._types import ModelMetadata, ModelStatistics, ServerMetadata
@@ -51,10 +51,7 @@ class Client(BaseClient["grpc.UnaryUnaryMultiCallable[Any, Any]"]):  # quoted: g
     def close(self) -> None:
         if self._same_host is not None:
             with self._same_host_lock:
-                for operation in self._same_host.close():
-                    # A server that is gone or forgot the region has nothing to give back.
-                    with contextlib.suppress(LrnserveError):
-                        self._run(operation, 10.0)
+                self._forget_regions()
         self._channel.close()
 
     def _run(self, op: Operation[T], timeout: float | None) -> T:
@@ -108,14 +105,46 @@ class Client(BaseClient["grpc.UnaryUnaryMultiCallable[Any, Any]"]):  # quoted: g
         if metadata is None:
             metadata = self._metadata_of[model] = self.metadata(model, timeout=timeout)
         request, decoder = encode(model, x, parameters, input_name)
-        needed = answer_bytes(metadata, tuple(request.inputs[0].shape), request.inputs[0].datatype)
+        raw = request.raw_input_contents.pop()  # it goes to shared memory, not in the message
+        sizes = {
+            "input": len(raw),
+            "output": answer_bytes(metadata, tuple(request.inputs[0].shape), request.inputs[0].datatype),
+        }
         with self._same_host_lock:
-            for operation in self._same_host.fit("input", len(request.raw_input_contents[0])):
-                self._run(operation, timeout)
-            for operation in self._same_host.fit("output", needed):
-                self._run(operation, timeout)
-            placed, shared = self._same_host.place(request, decoder, metadata.outputs[0].name)
-            return self._run(Operation(method("ModelInfer"), placed, pb.ModelInferResponse, shared.decode), timeout)
+            for attempt in range(2):
+                try:
+                    for role, nbytes in sizes.items():
+                        self._fit_region(role, nbytes, timeout)
+                    placed, shared = self._same_host.place(request, raw, decoder, metadata.outputs[0].name)
+                    operation = Operation(method("ModelInfer"), placed, pb.ModelInferResponse, shared.decode)
+                    return self._run(operation, timeout)
+                except LrnserveError as exc:
+                    # The server may still write a late answer into these regions, or has lost them
+                    # (restarted): start afresh with new ones, and retry once if they were lost.
+                    self._forget_regions()
+                    if attempt or "no shared memory region" not in exc.details:
+                        raise
+        raise AssertionError("unreachable")
+
+    def _fit_region(self, role: str, nbytes: int, timeout: float | None) -> None:
+        assert self._same_host is not None
+        if self._same_host.fits(role, nbytes):
+            return
+        segment = self._same_host.make(role, nbytes)
+        try:
+            self._run(register_op(segment), timeout)
+        except BaseException:
+            discard(segment)
+            raise
+        for replaced in self._same_host.adopt(role, segment):
+            with contextlib.suppress(LrnserveError):
+                self._run(unregister_op(replaced), timeout)
+
+    def _forget_regions(self) -> None:
+        assert self._same_host is not None
+        for name in self._same_host.forget():
+            with contextlib.suppress(LrnserveError):  # a server that is gone has nothing to give back
+                self._run(unregister_op(name), 10.0)
 
     def infer_stream(
         self,

@@ -26,15 +26,14 @@ from .pb import grpc_predict_v2_pb2 as pb
 from .protocol import method
 
 MIN_REGION_BYTES = 64 * 1024
-ROLES = ("input", "output")
 
 
 def _rounded(nbytes: int) -> int:
     return max(MIN_REGION_BYTES, 1 << max(0, nbytes - 1).bit_length())
 
 
-def register_op(name: str, segment: shared_memory.SharedMemory) -> Operation[None]:
-    request = pb.SystemSharedMemoryRegisterRequest(name=name, key=f"/{segment.name}", byte_size=segment.size)
+def register_op(segment: shared_memory.SharedMemory) -> Operation[None]:
+    request = pb.SystemSharedMemoryRegisterRequest(name=segment.name, key=f"/{segment.name}", byte_size=segment.size)
     return Operation(method("SystemSharedMemoryRegister"), request, pb.SystemSharedMemoryRegisterResponse, _none)
 
 
@@ -84,52 +83,66 @@ class SharedDecoder:
 
 
 class SameHost:
-    """The two regions of one client."""
+    """The two regions of one client. Each region made gets a name of its own (a generation
+    number), so a server that still holds an old one (an unregistration that never arrived, an
+    answer still on its way) can never write into a newer one."""
 
     def __init__(self) -> None:
         self.prefix = f"lrnserve_{os.getpid()}_{secrets.token_hex(4)}"
-        self._segments: dict[str, shared_memory.SharedMemory] = {}
+        self._segments: dict[str, shared_memory.SharedMemory] = {}  # only those the server accepted
+        self._made = 0
 
-    def region(self, role: str) -> str:
-        return f"{self.prefix}_{role}"
+    @staticmethod
+    def region(segment: shared_memory.SharedMemory) -> str:
+        """A segment's region name: its own name (unique to this client and generation)."""
+        return segment.name
 
-    def fit(self, role: str, nbytes: int) -> list[Operation[None]]:
-        """What to call so that ``role``'s region holds ``nbytes``: nothing once it does."""
+    def fits(self, role: str, nbytes: int) -> bool:
         segment = self._segments.get(role)
-        if segment is not None and segment.size >= nbytes:
-            return []
-        operations = []
-        if segment is not None:
-            operations.append(unregister_op(self.region(role)))
-            self._remove(role)
-        segment = shared_memory.SharedMemory(name=self.region(role), create=True, size=_rounded(nbytes))
+        return segment is not None and segment.size >= nbytes
+
+    def make(self, role: str, nbytes: int) -> shared_memory.SharedMemory:
+        """A new segment for ``role``, to register before ``adopt``."""
+        self._made += 1
+        return shared_memory.SharedMemory(name=f"{self.prefix}_{role}{self._made}", create=True, size=_rounded(nbytes))
+
+    def adopt(self, role: str, segment: shared_memory.SharedMemory) -> list[str]:
+        """``segment`` (registered) becomes ``role``'s region; returns the region it replaces, to unregister."""
+        replaced = self._segments.get(role)
         self._segments[role] = segment
-        operations.append(register_op(self.region(role), segment))
-        return operations
+        if replaced is None:
+            return []
+        name = self.region(replaced)
+        discard(replaced)
+        return [name]
 
     def place(
-        self, request: pb.ModelInferRequest, decoder: Decoder, output_name: str
+        self, bare: pb.ModelInferRequest, raw: bytes, decoder: Decoder, output_name: str
     ) -> tuple[pb.ModelInferRequest, SharedDecoder]:
-        """``request`` (as ``encode`` made it) with its input moved into the input region and its
-        answer asked into the output region (both must fit: ``fit`` first)."""
-        raw = request.raw_input_contents.pop()
-        _buffer(self._segments["input"])[: len(raw)] = raw
+        """A copy of ``bare`` (a request without its tensor bytes) whose input, ``raw``, is in the
+        input region and whose answer is asked into the output region (both must fit)."""
+        request = pb.ModelInferRequest()
+        request.CopyFrom(bare)
+        source, answer = self._segments["input"], self._segments["output"]
+        _buffer(source)[: len(raw)] = raw
         tensor = request.inputs[0]
-        tensor.parameters["shared_memory_region"].string_param = self.region("input")
+        tensor.parameters["shared_memory_region"].string_param = self.region(source)
         tensor.parameters["shared_memory_byte_size"].int64_param = len(raw)
         output = request.outputs.add(name=output_name)
-        output.parameters["shared_memory_region"].string_param = self.region("output")
-        output.parameters["shared_memory_byte_size"].int64_param = self._segments["output"].size
-        return request, SharedDecoder(self._segments["output"], decoder)
+        output.parameters["shared_memory_region"].string_param = self.region(answer)
+        output.parameters["shared_memory_byte_size"].int64_param = answer.size
+        return request, SharedDecoder(answer, decoder)
 
-    def close(self) -> list[Operation[None]]:
-        """The unregistrations to call; the regions are removed here."""
-        operations = [unregister_op(self.region(role)) for role in ROLES if role in self._segments]
-        for role in list(self._segments):
-            self._remove(role)
-        return operations
+    def forget(self) -> list[str]:
+        """Drop every region (they are removed here); returns their names, to unregister."""
+        names = [self.region(segment) for segment in self._segments.values()]
+        for segment in self._segments.values():
+            discard(segment)
+        self._segments.clear()
+        return names
 
-    def _remove(self, role: str) -> None:
-        segment = self._segments.pop(role)
-        segment.close()
-        segment.unlink()
+
+def discard(segment: shared_memory.SharedMemory) -> None:
+    """Unmap and remove a segment (a server that still maps it keeps its pages until it lets go)."""
+    segment.close()
+    segment.unlink()

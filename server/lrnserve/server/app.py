@@ -119,13 +119,21 @@ class LrnServer:
         self._calls: CallTracker | None = None
         self.receive_slots: ReceiveSlots | None = None
         self.inference: InferenceService | None = None
+        self._calls_count = 0
         self._metrics_http: tuple[WSGIServer, threading.Thread] | None = None
         self._stopped = asyncio.Event()
         self.drained = True
 
     def _calls_changed(self, count: int) -> None:
+        self._calls_count = count
         self.telemetry.calls_in_progress(count)
-        self.trimmer.calls(count)
+        self._busy_changed()
+
+    def _busy_changed(self) -> None:
+        """The idle trim waits for no call at work: an open stream with no request in flight is idle."""
+        streams = self.inference.streams if self.inference is not None else None
+        busy = self._calls_count - (streams.open - streams.active if streams is not None else 0)
+        self.trimmer.calls(max(0, busy))
 
     @property
     def address(self) -> str:
@@ -155,7 +163,7 @@ class LrnServer:
         slots = ReceiveSlots(self.settings.max_concurrent_receives, self.settings.receive_timeout_seconds)
         self.receive_slots = slots
         self.inference = InferenceService(
-            self.dataplane, self.settings.max_stream_inflight, self.settings.max_open_streams
+            self.dataplane, self.settings.max_stream_inflight, self.settings.max_open_streams, self._busy_changed
         )
         self._calls = add_inference_service(
             server, Guarded(self.inference), self.dataplane.budget, slots, self._calls_changed

@@ -25,7 +25,14 @@ from .admission import Budget, Lease
 from .classification import BYTES, classify
 from .configuration import ModelConfiguration, describe
 from .control import ModelControl, ModelState
-from .errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, ServingError, Unavailable
+from .errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+    ServingError,
+    Unavailable,
+)
 from .inference import (
     InferenceRequest,
     InferenceResponse,
@@ -194,7 +201,8 @@ class DataPlane:
             request = self._inputs_from_shared_memory(request)
             valid = validate(request, model.servable, self._limits_of(model), arrival)
             into = self._output_window(request, valid)
-            self._admit(lease, valid.nbytes if request.lease is None else 0, valid.output_bytes)
+            # An answer in shared memory is held once (the batch's buffer), not three times.
+            self._admit(lease, valid.nbytes if request.lease is None else 0, valid.output_bytes, 1 if into else 3)
             raw = await model.batcher.submit(valid.work, valid.deadline)
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceeded(f"model '{model.name}': the answer was ready after the caller's deadline")
@@ -215,10 +223,10 @@ class DataPlane:
             limits = self._limits[samples] = Limits(s.max_tensor_bytes, s.max_tensor_elements, samples)
         return limits
 
-    def _admit(self, lease: Lease, input_bytes: int, output_bytes: int) -> None:
-        """Hold the request's input (when not charged on receipt) and three times its output:
+    def _admit(self, lease: Lease, input_bytes: int, output_bytes: int, copies: int = 3) -> None:
+        """Hold the request's input (when not charged on receipt) and ``copies`` times its output:
         the batch's output buffer, the serialized answer and gRPC's copy of it."""
-        needed = input_bytes + 3 * output_bytes
+        needed = input_bytes + copies * output_bytes
         if not lease.charge(needed):
             raise self._busy(needed)
 
@@ -260,6 +268,7 @@ class DataPlane:
             if where is None:
                 inputs.append(tensor)
                 continue
+            self._check_same_host(request, field)
             if tensor.raw is not None or tensor.contents_fields:
                 raise InvalidArgument(
                     f"{field}.{shared_memory.REGION}: the tensor's data is also in the message; send it one way"
@@ -276,19 +285,29 @@ class DataPlane:
         raw_count = len(inputs) if all(tensor.raw is not None for tensor in inputs) else request.raw_count
         return replace(request, inputs=tuple(inputs), raw_count=raw_count)
 
-    def _output_window(self, request: InferenceRequest, valid: Validated) -> shared_memory.Window | None:
-        """Where the answer goes when the request asks for shared memory: checked before compute."""
+    @staticmethod
+    def _check_same_host(request: InferenceRequest, field: str) -> None:
+        if not request.local:
+            raise PermissionDenied(
+                f"{field}.{shared_memory.REGION}: shared memory is only for callers on the server's host"
+            )
+
+    def _output_window(
+        self, request: InferenceRequest, valid: Validated
+    ) -> tuple[shared_memory.Window, memoryview] | None:
+        """Where the answer goes when the request asks for shared memory, checked before compute:
+        the window, and its bytes (a view this request keeps, even if the region is unregistered)."""
         field = "outputs[0].parameters"
         where = shared_memory.window(request.output_parameters[0], field) if request.output_parameters else None
         if where is None:
             return None
+        self._check_same_host(request, field)
         if where.byte_size < valid.output_bytes:
             raise InvalidArgument(
                 f"{field}.{shared_memory.BYTE_SIZE}: {where.byte_size} bytes, but the output "
                 f"{list(valid.output_shape)} {valid.datatype.wire} is {valid.output_bytes} bytes"
             )
-        self.shared_memory.slice(where, field)  # registered, and the window inside its region
-        return where
+        return where, self.shared_memory.slice(where, field)
 
     async def _answer(
         self,
@@ -296,18 +315,18 @@ class DataPlane:
         request: InferenceRequest,
         valid: Validated,
         raw: bytes | memoryview,
-        into: shared_memory.Window | None = None,
+        into: tuple[shared_memory.Window, memoryview] | None = None,
     ) -> InferenceResponse:
         assert model.servable is not None
         name = model.servable.output_name
         if into is not None:
-            target = self.shared_memory.slice(into, "outputs[0].parameters")  # not unregistered meanwhile
+            where, target = into
             written = memoryview(raw).cast("B")
             target[: written.nbytes] = written
             written_to: dict[str, ParameterValue] = {
-                shared_memory.REGION: into.region,
+                shared_memory.REGION: where.region,
                 shared_memory.BYTE_SIZE: written.nbytes,
-                shared_memory.OFFSET: into.offset,
+                shared_memory.OFFSET: where.offset,
             }
             output = OutputTensor(name, valid.datatype.wire, valid.output_shape, None, written_to)
             return InferenceResponse(model=model.name, version=model.version, id=request.id, outputs=(output,))

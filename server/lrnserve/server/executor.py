@@ -273,14 +273,17 @@ class Executor:
         staged[received:] = 0
         batch = torch.from_numpy(staged).view(first.dtype).view(padded)
         stream = self._stream() if self.device.type == "cuda" else None
-        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            x = batch.to(self.device, non_blocking=True)
-            y = self._servable.run(first.model_group, x, self._tensors(scalars), abandonment)[: shape[0]]
-            answer = self.staging.lease(y.numel() * y.element_size())
-            torch.from_numpy(answer).view(y.dtype).view(y.shape).copy_(y, non_blocking=True)
-        if stream is not None:
-            # Waits on this instance's stream only (releasing the GIL): the others' copies and compute go on.
-            stream.synchronize()
+        try:
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                x = batch.to(self.device, non_blocking=True)
+                y = self._servable.run(first.model_group, x, self._tensors(scalars), abandonment)[: shape[0]]
+                answer = self.staging.lease(y.numel() * y.element_size())
+                torch.from_numpy(answer).view(y.dtype).view(y.shape).copy_(y, non_blocking=True)
+        finally:
+            if stream is not None:
+                # Waits on this instance's stream only (releasing the GIL): the others' copies and
+                # compute go on. Also on failure: no staging buffer returns to the pool mid-copy.
+                stream.synchronize()
         del batch, staged, x, y  # the input's staging buffer goes back to the pool now
         return self._cut(items, shape, memoryview(answer))  # type: ignore[arg-type]
 

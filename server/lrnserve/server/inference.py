@@ -52,6 +52,9 @@ class InferenceRequest:
     # The call's share of the in-flight byte budget, charged for the message on receipt (and
     # possibly refused then); None when the request did not come through the transport.
     lease: Lease | None = None
+    # Whether the caller is on this host (loopback or a unix socket): only such callers may name
+    # shared memory. In-process callers are.
+    local: bool = True
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,11 @@ Only files directly under ``/dev/shm`` can be mapped (a key is one path componen
 links are not followed), and only when the server allows it (``allow_shared_memory``). Every use
 is checked: the region is registered, the window lies inside it, the byte size is the tensor's.
 A region unregistered while a request reads or writes it stays mapped until that request is done
-(the request holds a view of the mapping); later requests naming it are refused.
+(the request holds a view of the mapping, taken when the request was validated); later requests
+naming it are refused. Regions are for callers on the server's host (the transport refuses the
+others), and only files of the server's own user are mapped. A client that shrinks its file
+while a request uses it can still crash the server (a read or write past the end of a mapping is
+SIGBUS), as with Triton: each use checks the size first, which leaves only that request's window.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import mmap
 import os
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,13 +51,22 @@ class FailedPrecondition(ServingError):
 
 @dataclass(frozen=True)
 class Region:
-    """A registered region: ``view`` is its window [offset, offset + byte_size) of the mapping."""
+    """A registered region: ``view`` is its window [offset, offset + byte_size) of the mapping;
+    ``fd`` stays open while it is registered, so that each use can check the file still holds
+    the window (a client that shrank it would make a read or write past its end kill the server)."""
 
     name: str
     key: str
     offset: int
     byte_size: int
     view: memoryview
+    fd: int
+
+    def still_fits(self) -> bool:
+        try:
+            return os.fstat(self.fd).st_size >= self.offset + self.byte_size
+        except OSError:
+            return False
 
 
 @dataclass(frozen=True)
@@ -112,17 +126,29 @@ class SharedMemory:
         except OSError as exc:
             raise InvalidArgument(f"key: cannot open shared memory '{key}' ({exc.strerror})") from None
         try:
-            size = os.fstat(fd).st_size
-            if offset + byte_size > size or byte_size == 0:
-                raise InvalidArgument(
-                    f"byte_size: region '{name}' of {byte_size} bytes at offset {offset} does not fit "
-                    f"shared memory '{key}' of {size} bytes"
-                )
-            mapping = mmap.mmap(fd, offset + byte_size)
-        finally:
+            mapping = self._map(fd, name, key, offset, byte_size)
+        except BaseException:
             os.close(fd)
+            raise
         view = memoryview(mapping)[offset : offset + byte_size]
-        self._regions[name] = Region(name, key, offset, byte_size, view)
+        self._regions[name] = Region(name, key, offset, byte_size, view, fd)
+
+    @staticmethod
+    def _map(fd: int, name: str, key: str, offset: int, byte_size: int) -> mmap.mmap:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise InvalidArgument(f"key: shared memory '{key}' is not a regular file")
+        if info.st_uid != os.geteuid():
+            raise InvalidArgument(f"key: shared memory '{key}' belongs to another user than the server's")
+        if offset + byte_size > info.st_size or byte_size == 0:
+            raise InvalidArgument(
+                f"byte_size: region '{name}' of {byte_size} bytes at offset {offset} does not fit "
+                f"shared memory '{key}' of {info.st_size} bytes"
+            )
+        try:
+            return mmap.mmap(fd, offset + byte_size)
+        except (OSError, ValueError) as exc:
+            raise InvalidArgument(f"key: cannot map shared memory '{key}' ({exc})") from None
 
     def status(self, name: str) -> list[Region]:
         """One region, or all when ``name`` is empty."""
@@ -137,10 +163,11 @@ class SharedMemory:
         """One region, or all when ``name`` is empty; a region not registered is no error. Requests
         using it keep their view of the mapping until they are done."""
         self._check_enabled()
-        if name:
-            self._regions.pop(name, None)
-        else:
-            self._regions.clear()
+        names = [name] if name else list(self._regions)
+        for gone in names:
+            region = self._regions.pop(gone, None)
+            if region is not None:
+                os.close(region.fd)  # the mapping itself lives on in the views requests still hold
 
     def slice(self, where: Window, field: str) -> memoryview:
         """The window's bytes, checked against its region (``field`` names the tensor's parameters)."""
@@ -153,5 +180,10 @@ class SharedMemory:
             raise InvalidArgument(
                 f"{field}.{BYTE_SIZE}: {where.byte_size} bytes at offset {where.offset} overrun region "
                 f"'{where.region}' of {region.byte_size} bytes"
+            )
+        if not region.still_fits():
+            raise InvalidArgument(
+                f"{field}.{REGION}: shared memory '{region.key}' no longer holds region '{where.region}' "
+                "(it was shrunk); register it again"
             )
         return region.view[where.offset : where.offset + where.byte_size]

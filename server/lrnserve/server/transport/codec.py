@@ -55,7 +55,12 @@ def _contents(tensor: pb.ModelInferRequest.InferInputTensor) -> tuple[np.ndarray
     return np.array(getattr(tensor.contents, field), dtype=CONTENTS_FIELDS[field]), present
 
 
-def request_from_wire(wire: InferRequestWire, time_remaining: float | None) -> InferenceRequest:
+def is_local_peer(peer: str) -> bool:
+    """Whether a gRPC peer string names this host: a unix socket, or a loopback address."""
+    return peer.startswith(("unix:", "ipv4:127.", "ipv6:[::1]", "ipv6:%5B::1%5D"))
+
+
+def request_from_wire(wire: InferRequestWire, time_remaining: float | None, local: bool = True) -> InferenceRequest:
     message = wire.message
     call = current_call()
     raw = wire.raw_input_contents
@@ -85,6 +90,7 @@ def request_from_wire(wire: InferRequestWire, time_remaining: float | None) -> I
         raw_count=len(raw),
         started=wire.received if wire.received is not None else None if call is None else call.started,
         lease=wire.lease if wire.lease is not None else None if call is None else call.lease,
+        local=local,
     )
 
 

@@ -23,7 +23,7 @@ from lrnserve.client.pb import grpc_predict_v2_pb2 as pb
 from lrnserve.client.pb import grpc_predict_v2_pb2_grpc as pb_grpc
 
 from ..dataplane import DataPlane
-from ..errors import ServingError
+from ..errors import PermissionDenied, ServingError
 from . import codec, repository_codec
 from .streaming import StreamInfer
 from .wire import InferRequestWire
@@ -35,12 +35,26 @@ Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     """The protocol's RPCs: protobuf in, one data plane call, protobuf out."""
 
-    def __init__(self, dataplane: DataPlane, max_stream_inflight: int = 64, max_open_streams: int = 16) -> None:
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        max_stream_inflight: int = 64,
+        max_open_streams: int = 16,
+        on_stream_change: Callable[[], None] | None = None,
+    ) -> None:
         self.dataplane = dataplane
-        self.streams = StreamInfer(self._infer, max_stream_inflight, max_open_streams)
+        self.streams = StreamInfer(self._infer, max_stream_inflight, max_open_streams, on_stream_change)
 
-    async def _infer(self, request: InferRequestWire, time_remaining: float | None) -> bytes:
-        return codec.response_to_wire(await self.dataplane.infer(codec.request_from_wire(request, time_remaining)))
+    async def _infer(self, request: InferRequestWire, context: Context) -> bytes:
+        local = codec.is_local_peer(context.peer())
+        inference = codec.request_from_wire(request, context.time_remaining(), local)
+        return codec.response_to_wire(await self.dataplane.infer(inference))
+
+    @staticmethod
+    def _same_host(context: Context) -> None:
+        """Shared memory is for callers on this host: a region names a file of this machine."""
+        if not codec.is_local_peer(context.peer()):
+            raise PermissionDenied("system shared memory is only for callers on the server's host")
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=self.dataplane.live())
@@ -63,7 +77,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: InferRequestWire, context: Context) -> bytes:  # type: ignore[override]
         """Registered by ``wire.add_inference_service``: a partly parsed request in, the
         serialized response out."""
-        return await self._infer(request, context.time_remaining())
+        return await self._infer(request, context)
 
     async def ModelStreamInfer(self, requests: Any, context: Context) -> None:  # type: ignore[override]
         """Registered by ``wire.add_inference_service`` (``streaming``): answers are written to
@@ -73,17 +87,20 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def SystemSharedMemoryStatus(
         self, request: pb.SystemSharedMemoryStatusRequest, context: Context
     ) -> pb.SystemSharedMemoryStatusResponse:
+        self._same_host(context)
         return codec.shared_memory_status_to_proto(self.dataplane.shared_memory.status(request.name))
 
     async def SystemSharedMemoryRegister(
         self, request: pb.SystemSharedMemoryRegisterRequest, context: Context
     ) -> pb.SystemSharedMemoryRegisterResponse:
+        self._same_host(context)
         self.dataplane.shared_memory.register(request.name, request.key, request.offset, request.byte_size)
         return pb.SystemSharedMemoryRegisterResponse()
 
     async def SystemSharedMemoryUnregister(
         self, request: pb.SystemSharedMemoryUnregisterRequest, context: Context
     ) -> pb.SystemSharedMemoryUnregisterResponse:
+        self._same_host(context)
         self.dataplane.shared_memory.unregister(request.name)
         return pb.SystemSharedMemoryUnregisterResponse()
 

@@ -39,8 +39,9 @@ from .wire import InferRequestWire, length_delimited_key
 
 logger = logging.getLogger(__name__)
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
-# One request in, its serialized ModelInferResponse out (raises ServingError).
-Infer = Callable[[InferRequestWire, "float | None"], Awaitable[bytes]]
+# One request of the call ``context`` in, its serialized ModelInferResponse out (raises ServingError).
+Infer = Callable[[InferRequestWire, Context], Awaitable[bytes]]
+DRAINING = object()  # what ``_next`` returns once the drain began
 
 INFER_RESPONSE_FIELD = pb.ModelStreamInferResponse.INFER_RESPONSE_FIELD_NUMBER
 
@@ -62,13 +63,21 @@ def stream_error(message: str, request: InferRequestWire | None) -> bytes:
 class StreamInfer:
     """The ModelStreamInfer handler. Contract: used on the event loop thread that serves calls."""
 
-    def __init__(self, infer: Infer, limit: int, max_open: int) -> None:
+    def __init__(self, infer: Infer, limit: int, max_open: int, on_change: Callable[[], None] | None = None) -> None:
+        """``on_change`` hears whenever ``open`` (streams) or ``active`` (their requests in
+        flight) changes: an open stream with nothing in flight is idle, not a call at work."""
         self._infer = infer
         self.limit = limit
         self.max_open = max_open
         self.open = 0
+        self.active = 0
+        self._on_change = on_change
         self._reads: set[asyncio.Task[Any]] = set()  # each open stream's pending read
         self.stopping = False
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change()
 
     def stop_reading(self) -> None:
         """The drain began: every open stream stops reading and ends once its answers are out."""
@@ -83,48 +92,58 @@ class StreamInfer:
                 "retry later or use ModelInfer"
             )
         self.open += 1
+        self._changed()
         try:
             await self._serve(context)
         finally:
             self.open -= 1
+            self._changed()
 
     async def _serve(self, context: Context) -> None:
         in_flight = asyncio.Semaphore(self.limit)
         writing = asyncio.Lock()
         answering: set[asyncio.Task[None]] = set()
+
+        def answered(task: asyncio.Task[None]) -> None:
+            answering.discard(task)
+            if not task.cancelled() and task.exception() is not None:  # the answer could not be sent
+                logger.debug("ModelStreamInfer: an answer was not sent (%s)", task.exception())
+
         try:
             while True:
                 await in_flight.acquire()
                 request = await self._next(context)
-                if request is None:
+                if request is None or request is DRAINING:
                     break
+                assert isinstance(request, InferRequestWire)
                 task = asyncio.create_task(self._answer(request, context, writing, in_flight))
                 del request  # the task holds it, and lets go of it once answered
                 answering.add(task)
-                task.add_done_callback(answering.discard)
+                task.add_done_callback(answered)
             while answering:
-                await asyncio.gather(*answering)
+                await asyncio.gather(*answering, return_exceptions=True)
         except BaseException:
             for task in answering:
                 task.cancel()  # the caller left: its queued requests leave their queues uncomputed
             raise
-        if self.stopping:
+        if request is DRAINING:
             # Raised, not aborted here: the wrapper (service.Guarded) aborts from a frame that
             # holds no task of this stream, which would otherwise keep the call alive (gRPC
             # keeps the abort exception, and with it this frame).
             raise Unavailable("server is shutting down; reopen the stream on another replica")
 
-    async def _next(self, context: Context) -> InferRequestWire | None:
-        """The stream's next request; None once the client closed it or the drain began."""
+    async def _next(self, context: Context) -> object:
+        """The stream's next request; None once the client closed it, DRAINING once the drain began."""
         if self.stopping:
-            return None
+            return DRAINING
         read = asyncio.ensure_future(context.read())
         self._reads.add(read)
         try:
             message = await read
         except asyncio.CancelledError:
-            if self.stopping and read.cancelled():
-                return None
+            current = asyncio.current_task()
+            if self.stopping and read.cancelled() and not (current is not None and current.cancelling()):
+                return DRAINING  # the drain cancelled the read, not the caller the call
             raise
         except DecodeError as exc:
             # Nothing can be answered for a message that is not one: end the stream.
@@ -140,9 +159,11 @@ class StreamInfer:
         self, request: InferRequestWire, context: Context, writing: asyncio.Lock, in_flight: asyncio.Semaphore
     ) -> None:
         lease = request.lease
+        self.active += 1
+        self._changed()
         try:
             try:
-                answer = stream_response(await self._infer(request, context.time_remaining()))
+                answer = stream_response(await self._infer(request, context))
             except ServingError as exc:
                 answer = stream_error(exc.message, request)
             except asyncio.CancelledError:
@@ -157,3 +178,5 @@ class StreamInfer:
             if lease is not None:
                 lease.release()
             in_flight.release()
+            self.active -= 1
+            self._changed()

@@ -227,7 +227,7 @@ def test_only_callers_on_this_host_may_name_shared_memory(
     with server.channel() as channel:
         register(channel, "in", segment.name, 0, NBYTES)
     tensor = InputTensor("input", "FP32", SHAPE, parameters=window("in", NBYTES))  # type: ignore[arg-type]
-    remote = InferenceRequest("lrn", "", "", (tensor,), local=False)
+    remote = InferenceRequest("lrn", "", "", (tensor,), local=lambda: False)
     with pytest.raises(PermissionDenied, match="only for callers on the server's host"):
         server.call(server.server.dataplane.infer(remote))
 

@@ -287,7 +287,7 @@ class DataPlane:
 
     @staticmethod
     def _check_same_host(request: InferenceRequest, field: str) -> None:
-        if not request.local:
+        if not request.local():
             raise PermissionDenied(
                 f"{field}.{shared_memory.REGION}: shared memory is only for callers on the server's host"
             )

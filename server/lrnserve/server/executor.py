@@ -63,7 +63,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
 _Job = tuple[list[Work], asyncio.AbstractEventLoop, Done, Abandonment]
 CUDA_INSTANCES = 2  # default instances (streams) of a model on CUDA
 # Pinned staging memory an executor on CUDA keeps between batches: an AlexNet batch of 128 images
-# is 79 MiB in; an LRN batch of 32 x [96, 55, 55] 37 MiB each way.
+# is 75 MiB in; an LRN batch of 32 x [96, 55, 55] 35 MiB each way.
 DEFAULT_STAGING_BYTES = 512 * 1024 * 1024
 
 

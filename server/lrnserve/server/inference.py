@@ -10,7 +10,7 @@ off the wire until the batcher copies them into a batch.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -53,8 +53,9 @@ class InferenceRequest:
     # possibly refused then); None when the request did not come through the transport.
     lease: Lease | None = None
     # Whether the caller is on this host (loopback or a unix socket): only such callers may name
-    # shared memory. In-process callers are.
-    local: bool = True
+    # shared memory. Asked only of requests that name it (the peer's address costs a lookup per
+    # call); in-process callers are local.
+    local: Callable[[], bool] = field(default=lambda: True)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ ModelInfer's tensor bytes travel as views and one copy each way (``wire``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -55,12 +55,18 @@ def _contents(tensor: pb.ModelInferRequest.InferInputTensor) -> tuple[np.ndarray
     return np.array(getattr(tensor.contents, field), dtype=CONTENTS_FIELDS[field]), present
 
 
+def _in_process() -> bool:
+    return True
+
+
 def is_local_peer(peer: str) -> bool:
     """Whether a gRPC peer string names this host: a unix socket, or a loopback address."""
     return peer.startswith(("unix:", "ipv4:127.", "ipv6:[::1]", "ipv6:%5B::1%5D"))
 
 
-def request_from_wire(wire: InferRequestWire, time_remaining: float | None, local: bool = True) -> InferenceRequest:
+def request_from_wire(
+    wire: InferRequestWire, time_remaining: float | None, local: Callable[[], bool] | None = None
+) -> InferenceRequest:
     message = wire.message
     call = current_call()
     raw = wire.raw_input_contents
@@ -90,7 +96,7 @@ def request_from_wire(wire: InferRequestWire, time_remaining: float | None, loca
         raw_count=len(raw),
         started=wire.received if wire.received is not None else None if call is None else call.started,
         lease=wire.lease if wire.lease is not None else None if call is None else call.lease,
-        local=local,
+        local=local if local is not None else _in_process,
     )
 
 

@@ -46,8 +46,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         self.streams = StreamInfer(self._infer, max_stream_inflight, max_open_streams, on_stream_change)
 
     async def _infer(self, request: InferRequestWire, context: Context) -> bytes:
-        local = codec.is_local_peer(context.peer())
-        inference = codec.request_from_wire(request, context.time_remaining(), local)
+        inference = codec.request_from_wire(
+            request, context.time_remaining(), lambda: codec.is_local_peer(context.peer())
+        )
         return codec.response_to_wire(await self.dataplane.infer(inference))
 
     @staticmethod

@@ -15,12 +15,14 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from .batching import Batcher
 from .catalog import LATEST_ONE, VersionPolicy
 from .errors import NotFound
+from .eventloop import in_own_thread
 from .executor import Executor
 from .schema import ConfigError
 from .servables import Servable
@@ -131,9 +133,9 @@ class ModelRepository:
         device = resolve_device(config.device, self._server_device)
         model = ServedModel(config, device, version=version, policy=policy)
         self._telemetry.add_model(config.name, device, config.batching.max_queue_size, version)
-        loop = asyncio.get_running_loop()
         start = time.perf_counter()
-        servable, description, executor = await loop.run_in_executor(None, self._build, model)
+        loading = partial(self._build, model)
+        servable, description, executor = await in_own_thread(loading, f"lrnserve-load-{model.name}")
         model.load_seconds = time.perf_counter() - start
         model.servable, model.executor = servable, executor
         model.batcher = Batcher(model.name, executor, config.batching, self._telemetry.model(model.name, version))
@@ -190,13 +192,12 @@ class ModelRepository:
 
     async def load_all(self) -> None:
         """Load models one after another (each may use every core), starting each batcher."""
-        loop = asyncio.get_running_loop()
         for model in self.models():
             if self._stopping:
                 return
             start = time.perf_counter()
             try:
-                servable, description = await loop.run_in_executor(None, self._load, model)
+                servable, description = await in_own_thread(partial(self._load, model), f"lrnserve-load-{model.name}")
             except Exception as exc:
                 logger.error("model %s: failed to load: %s", model.name, exc)
                 raise

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import LocalResponseNorm, LRNParams
+from ..ops import LocalResponseNorm, LRNParams, channels_last
 
 logger = logging.getLogger(__name__)
 
@@ -94,10 +94,15 @@ def max_pool2d(
     padding: int | tuple[int, int] = 0,
     ceil_mode: bool = False,
 ) -> torch.Tensor:
-    """F.max_pool2d, through oneDNN for float32 CPU inference: torch's own NCHW max pooling is
-    4-17x slower (bench, 2 threads, 3x3: [1, 64, 112, 112] 3.3 vs 0.29 ms, [1, 96, 55, 55] 1.0 vs
-    0.13 ms, [8, 256, 28, 28] 25 vs 5.9 ms, [32, 96, 55, 55] 40 vs 24 ms, conversions included).
-    The same windows and output sizes, and a max is exact: results are identical."""
+    """F.max_pool2d, fast for float32 CPU inference in either layout. A channels-last input (what
+    oneDNN's convolutions and the LRN kernel after them produce) goes to torch's NHWC kernel; an
+    NCHW one through oneDNN, as torch's own NCHW max pooling is 4-17x slower (bench, 2 threads,
+    3x3: [1, 64, 112, 112] 3.3 vs 0.29 ms, [1, 96, 55, 55] 1.0 vs 0.13 ms, [8, 256, 28, 28] 25 vs
+    5.9 ms, [32, 96, 55, 55] 40 vs 24 ms, conversions included), while converting NCHW to NHWC
+    for the NHWC kernel costs more than oneDNN's conversions (1.4-2x at those shapes). NHWC in
+    through oneDNN was slower still: the NHWC kernel took 59 vs 299 us at [1, 96, 55, 55] and
+    2.9 vs 35 ms at [32, 96, 55, 55]. The same windows and output sizes, and a max is exact:
+    results are identical."""
     eager = not torch.compiler.is_compiling()  # compile and export trace F.max_pool2d (oneDNN's has no fake impl)
     if (
         eager
@@ -106,6 +111,7 @@ def max_pool2d(
         and not x.requires_grad
         and x.dim() == 4
         and x.numel()
+        and not channels_last(x)
     ):
         dense = torch.mkldnn_max_pool2d(x.contiguous().to_mkldnn(), kernel, stride, padding, 1, ceil_mode).to_dense()
         return dense

@@ -10,7 +10,7 @@ from .lrn import (
 )
 from .onnx_translation import export as onnx_export
 from .params import MODES, LRNParams, Mode
-from .torch_op import OP_NAME, SUPPORTED_DTYPES
+from .torch_op import OP_NAME, SUPPORTED_DTYPES, channels_last
 
 __all__ = [
     "MODES",
@@ -20,6 +20,7 @@ __all__ = [
     "LocalResponseNorm",
     "Mode",
     "PerSample",
+    "channels_last",
     "local_response_norm",
     "local_response_norm_checked",
     "onnx_export",

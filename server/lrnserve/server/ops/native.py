@@ -29,7 +29,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 SOURCE = Path(__file__).with_name("csrc") / "lrn.cpp"
 _BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno")
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
@@ -38,6 +38,7 @@ _MODE_CODES = {"across": 0, "within": 1}
 # ([1,64,32,32] and [1,16,64,64], across and within).
 HOLD_GIL_ELEMENTS = 1 << 16
 _ARGTYPES: list[Any] = [
+    ctypes.c_int,
     ctypes.c_int,
     ctypes.c_int,
     ctypes.c_void_p,
@@ -83,8 +84,10 @@ class NativeKernel:
         alpha: torch.Tensor,
         beta: torch.Tensor,
         k: torch.Tensor,
+        channels_last: bool = False,
     ) -> None:
-        """x, out: contiguous NCHW on the CPU; alpha/beta/k: contiguous float64, one per sample."""
+        """x, out: contiguous NCHW on the CPU, or both channels-last contiguous (across only);
+        alpha/beta/k: contiguous float64, one per sample."""
         self.forward_raw(
             x.dtype,
             mode,
@@ -94,6 +97,7 @@ class NativeKernel:
             size,
             (alpha.data_ptr(), beta.data_ptr(), k.data_ptr()),
             torch.get_num_threads(),
+            channels_last,
         )
 
     def forward_raw(
@@ -106,13 +110,16 @@ class NativeKernel:
         size: int,
         alpha_beta_k: tuple[int, int, int],
         threads: int,
+        channels_last: bool = False,
     ) -> None:
-        """``forward`` on addresses: x and out contiguous NCHW of ``dtype``; alpha, beta and k
-        contiguous float64, one per sample. The caller keeps the memory alive."""
+        """``forward`` on addresses: x and out contiguous NCHW of ``dtype`` (``shape``), or both
+        channels-last (NHWC in memory) when ``channels_last``; alpha, beta and k contiguous
+        float64, one per sample. The caller keeps the memory alive."""
         n, c, h, w = shape
         fn = self._holding if n * c * h * w <= HOLD_GIL_ELEMENTS else self._releasing
         alpha, beta, k = alpha_beta_k
-        rc = fn(_DTYPE_CODES[dtype], _MODE_CODES[mode], x, out, n, c, h, w, size, alpha, beta, k, threads)
+        layout = 1 if channels_last else 0
+        rc = fn(_DTYPE_CODES[dtype], _MODE_CODES[mode], layout, x, out, n, c, h, w, size, alpha, beta, k, threads)
         if rc != 0:
             raise RuntimeError(f"native LRN kernel rejected its arguments (code {rc})")
 

@@ -9,8 +9,9 @@ str mode) -> Tensor`` (scalar parameters; the server's per-sample batches keep c
 - CUDA: the fused Triton kernel (``triton_lrn``); the composed torch ops for float64, or when
   Triton does not import (logged once);
 - every other device: the composed torch ops;
-- fake/meta tensors (torch.compile, torch.export, the ONNX exporter): a contiguous tensor of
-  x's shape and dtype;
+- fake/meta tensors (torch.compile, torch.export, the ONNX exporter): a tensor of x's shape and
+  dtype in the output's layout (``output_format``: channels-last for a channels-last CPU input
+  across channels, which the fused kernel computes in that layout; contiguous otherwise);
 - autograd: an analytic backward in torch ops (``composed.local_response_norm_backward``).
 
 Because the dispatcher sees the op, ``torch.jit.trace`` records it instead of baking its output
@@ -53,6 +54,20 @@ def _check(x: torch.Tensor, size: int, alpha: float, beta: float, k: float, mode
     BETA.check(beta)
     K.check(k)
     return check_mode(mode)
+
+
+def channels_last(x: torch.Tensor) -> bool:
+    """x is NHWC in memory (and not also NCHW, as when C or H * W is 1)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def output_format(x: torch.Tensor, mode: str) -> torch.memory_format:
+    """The layout of the op's output: channels-last for a channels-last CPU input across channels
+    (the fused kernel reads and writes it in place of a copy each way, and oneDNN's convolutions
+    produce it), contiguous NCHW otherwise."""
+    if x.device.type == "cpu" and mode == "across" and channels_last(x):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def _scalars(
@@ -114,23 +129,26 @@ def _cuda(x: torch.Tensor, size: int, alpha: float, beta: float, k: float, mode:
 @local_response_norm_op.register_kernel("cpu")
 def _cpu(x: torch.Tensor, size: int, alpha: float, beta: float, k: float, mode: str) -> torch.Tensor:
     checked = _check(x, size, alpha, beta, k, mode)
+    layout = output_format(x, checked)
     if x.numel() == 0:
-        return torch.empty_like(x, memory_format=torch.contiguous_format)
+        return torch.empty_like(x, memory_format=layout)
     if triton_lrn.selected(x):
-        return triton_lrn.forward_scalar(x, size, alpha, beta, k, checked)
+        return triton_lrn.forward_scalar(x, size, alpha, beta, k, checked).contiguous(memory_format=layout)
     kernel = native.kernel()
     if kernel is None:
-        return local_response_norm_composed(x, size, *_scalars(alpha, beta, k, x.device), checked).contiguous()
-    source = x.contiguous()
-    out = torch.empty_like(source, memory_format=torch.contiguous_format)
-    kernel.forward(source, out, checked, size, *_per_sample.get(x.shape[0], alpha, beta, k))
+        composed = local_response_norm_composed(x, size, *_scalars(alpha, beta, k, x.device), checked)
+        return composed.contiguous(memory_format=layout)
+    nhwc = layout == torch.channels_last
+    source = x if nhwc else x.contiguous()
+    out = torch.empty_like(source, memory_format=layout)
+    kernel.forward(source, out, checked, size, *_per_sample.get(x.shape[0], alpha, beta, k), channels_last=nhwc)
     return out
 
 
 @local_response_norm_op.register_fake
 def _fake(x: torch.Tensor, size: int, alpha: float, beta: float, k: float, mode: str) -> torch.Tensor:
     _check(x, size, alpha, beta, k, mode)
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return torch.empty_like(x, memory_format=output_format(x, mode))
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:

@@ -1,4 +1,5 @@
-// Fused Local Response Normalization for contiguous NCHW tensors on the CPU.
+// Fused Local Response Normalization for contiguous NCHW tensors on the CPU (and channels-last
+// NHWC ones across channels).
 //
 // One pass over the input: every output element reads its window of squares
 // straight from the (cache-resident) input rows, so nothing is materialised
@@ -389,6 +390,64 @@ void column_sum(int nrows, const A* const* rows, A* out, int64_t len) {
   }
 }
 
+// Channels-last (NHWC) input, across channels: each pixel's C values are contiguous, so a pixel's
+// window sums are a box filter along its row of squares (zero-padded), then the shared scale.
+// This is the layout oneDNN's convolutions produce, so a network needs no copy around its LRN.
+template <Power P, typename T, typename A>
+void across_pixels(const T* x, T* y, int64_t C, int64_t pixels, Window window,
+                   const SampleParams<A>& p, A* padded, A* sum) {
+  const int width = static_cast<int>(window.width());
+  A* squares = padded + window.before;
+  for (int64_t q = 0; q < pixels; ++q) {
+    const T* xq = x + q * C;
+#pragma GCC ivdep
+    for (int64_t c = 0; c < C; ++c) {
+      const A v = to_acc(xq[c]);
+      squares[c] = v * v;
+    }
+    box_row<1>(width, padded, sum, C);
+    scale_row<P>(xq, y + q * C, sum, C, p);
+  }
+}
+
+template <typename T>
+void lrn_across_nhwc(const T* x, T* y, int64_t N, int64_t C, int64_t HW, int size,
+                     const double* alpha, const double* beta, const double* k, int threads) {
+  using A = typename Acc<T>::type;
+  const Window window(size, C);
+  const int64_t tile = 64;  // pixels per work item
+  const int64_t tiles = (HW + tile - 1) / tile;
+  const int64_t items = N * tiles;
+  const bool parallel = threads > 1 && items > 1 && N * C * HW >= 32768;
+#pragma omp parallel num_threads(threads) if (parallel)
+  {
+    std::vector<A> padded(static_cast<size_t>(C + window.width() - 1), A(0));
+    std::vector<A> sum(static_cast<size_t>(C));
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t n = item / tiles, q0 = (item % tiles) * tile;
+      const int64_t pixels = std::min(tile, HW - q0);
+      const auto sp = sample_params<A>(alpha, beta, k, n, static_cast<double>(size));
+      const T* xq = x + (n * HW + q0) * C;
+      T* yq = y + (n * HW + q0) * C;
+      switch (sp.power) {
+        case Power::kThreeQuarters:
+          across_pixels<Power::kThreeQuarters>(xq, yq, C, pixels, window, sp, padded.data(), sum.data());
+          break;
+        case Power::kHalf:
+          across_pixels<Power::kHalf>(xq, yq, C, pixels, window, sp, padded.data(), sum.data());
+          break;
+        case Power::kOne:
+          across_pixels<Power::kOne>(xq, yq, C, pixels, window, sp, padded.data(), sum.data());
+          break;
+        case Power::kGeneral:
+          across_pixels<Power::kGeneral>(xq, yq, C, pixels, window, sp, padded.data(), sum.data());
+          break;
+      }
+    }
+  }
+}
+
 template <typename T, typename A>
 struct WithinScratch {
   std::vector<A> padded;  // one row of squares with zero borders
@@ -467,11 +526,14 @@ void lrn_within(const T* x, T* y, int64_t N, int64_t C, int64_t H, int64_t W, in
 }
 
 template <typename T>
-void run(int mode, const void* x, void* y, int64_t N, int64_t C, int64_t H, int64_t W, int size,
-         const double* alpha, const double* beta, const double* k, int threads) {
+void run(int mode, bool channels_last, const void* x, void* y, int64_t N, int64_t C, int64_t H,
+         int64_t W, int size, const double* alpha, const double* beta, const double* k,
+         int threads) {
   const T* xt = static_cast<const T*>(x);
   T* yt = static_cast<T*>(y);
-  if (mode == 0)
+  if (channels_last)
+    lrn_across_nhwc(xt, yt, N, C, H * W, size, alpha, beta, k, threads);
+  else if (mode == 0)
     lrn_across(xt, yt, N, C, H * W, size, alpha, beta, k, threads);
   else
     lrn_within(xt, yt, N, C, H, W, size, alpha, beta, k, threads);
@@ -482,29 +544,32 @@ void run(int mode, const void* x, void* y, int64_t N, int64_t C, int64_t H, int6
 extern "C" {
 
 // Version of this ABI; the Python loader refuses a library that disagrees.
-int lrnserve_abi_version() { return 1; }
+int lrnserve_abi_version() { return 2; }
 
-// dtype: 0 float32, 1 float64, 2 float16, 3 bfloat16. mode: 0 across, 1 within.
-// alpha/beta/k: one value per sample (N). Returns 0, or a negative error code
-// for arguments the Python side should never have passed.
-int lrnserve_lrn_forward(int dtype, int mode, const void* x, void* y, int64_t N, int64_t C,
-                         int64_t H, int64_t W, int size, const double* alpha, const double* beta,
-                         const double* k, int threads) {
+// dtype: 0 float32, 1 float64, 2 float16, 3 bfloat16. mode: 0 across, 1 within. layout: 0 NCHW
+// (contiguous), 1 NHWC (channels-last contiguous; across only). x and y share the layout.
+// alpha/beta/k: one value per sample (N). Returns 0, or a negative error code for arguments the
+// Python side should never have passed.
+int lrnserve_lrn_forward(int dtype, int mode, int layout, const void* x, void* y, int64_t N,
+                         int64_t C, int64_t H, int64_t W, int size, const double* alpha,
+                         const double* beta, const double* k, int threads) {
   if (N < 0 || C < 0 || H < 0 || W < 0 || size < 1 || (mode != 0 && mode != 1)) return -1;
+  if (layout != 0 && !(layout == 1 && mode == 0)) return -3;
   if (N == 0 || C == 0 || H == 0 || W == 0) return 0;
   if (threads < 1) threads = 1;
+  const bool nhwc = layout == 1;
   switch (dtype) {
     case 0:
-      run<float>(mode, x, y, N, C, H, W, size, alpha, beta, k, threads);
+      run<float>(mode, nhwc, x, y, N, C, H, W, size, alpha, beta, k, threads);
       return 0;
     case 1:
-      run<double>(mode, x, y, N, C, H, W, size, alpha, beta, k, threads);
+      run<double>(mode, nhwc, x, y, N, C, H, W, size, alpha, beta, k, threads);
       return 0;
     case 2:
-      run<fp16>(mode, x, y, N, C, H, W, size, alpha, beta, k, threads);
+      run<fp16>(mode, nhwc, x, y, N, C, H, W, size, alpha, beta, k, threads);
       return 0;
     case 3:
-      run<bf16>(mode, x, y, N, C, H, W, size, alpha, beta, k, threads);
+      run<bf16>(mode, nhwc, x, y, N, C, H, W, size, alpha, beta, k, threads);
       return 0;
     default:
       return -2;

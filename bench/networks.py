@@ -326,6 +326,9 @@ def build_engines(subject: Subject, pool: Instances, compile_: bool, unpacked: b
     reference = subject.reference
     compiled: nn.Module | None = None
     if compile_:
+        # Every network and batch size is a recompilation of the same forward code; past dynamo's
+        # default limit (8) it silently runs eager, which would mislabel later rows.
+        torch._dynamo.config.recompile_limit = 256
         start = time.perf_counter()
         compiled = torch.compile(reference, dynamic=False)  # type: ignore[assignment]
         load_s["compile"] = time.perf_counter() - start  # compiling itself happens at the first calls

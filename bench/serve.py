@@ -134,6 +134,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+SERVER_PIDS: dict[str, int] = {}  # target -> process id of the server answering there (profilers)
+
+
 @contextmanager
 def server(max_batch_size: int, metrics: bool = True) -> Iterator[str]:
     with tempfile.TemporaryDirectory() as tmp:
@@ -146,6 +149,7 @@ def server(max_batch_size: int, metrics: bool = True) -> Iterator[str]:
             command.append("--no-metrics")
         proc = subprocess.Popen(command, env=os.environ.copy())
         target = f"127.0.0.1:{port}"
+        SERVER_PIDS[target] = proc.pid
         try:
             with grpc.insecure_channel(target) as channel:
                 client = pb_grpc.GRPCInferenceServiceStub(channel)
@@ -161,6 +165,7 @@ def server(max_batch_size: int, metrics: bool = True) -> Iterator[str]:
                     time.sleep(0.2)
             yield target
         finally:
+            SERVER_PIDS.pop(target, None)
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=120)
 

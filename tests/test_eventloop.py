@@ -91,7 +91,10 @@ class Recording:
 
 def test_the_server_loads_models_on_threads_that_end() -> None:
     factory = Recording()
-    configs = [ModelConfig(name="cifar", kind="cifar10_full", instances=1, threads=2), ModelConfig(name="lrn", kind="lrn")]
+    configs = [
+        ModelConfig(name="cifar", kind="cifar10_full", instances=1, threads=2),
+        ModelConfig(name="lrn", kind="lrn"),
+    ]
     with ServerThread(settings(*configs), servables=factory):
         assert factory.loaded_on == {"cifar": "lrnserve-load-cifar", "lrn": "lrnserve-load-lrn"}
         for name in factory.loaded_on.values():

@@ -60,8 +60,8 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("size", SIZES + [64, 1000])
-@pytest.mark.parametrize("shape", SHAPES + [(2, 96, 7, 5)])
+@pytest.mark.parametrize("size", [*SIZES, 64, 1000])
+@pytest.mark.parametrize("shape", [*SHAPES, (2, 96, 7, 5)])
 def test_channels_last_across_matches_float64_reference(size: int, shape: tuple[int, ...]) -> None:
     # The kernel's NHWC path: what oneDNN's convolutions hand a network's LRN layers.
     gen = torch.Generator().manual_seed(size * 10 + shape[1])

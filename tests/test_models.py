@@ -239,9 +239,25 @@ def test_the_served_cpu_engine_keeps_outputs_and_lrn_kernels(name: str) -> None:
     assert [type(m) for _, m in servable.network.lrn_layers()] == [LocalResponseNorm] * 2
     generator = torch.Generator().manual_seed(3)
     with torch.inference_mode():
-        for batch in (1, 5):
+        for batch in (1, 5, 12):  # packed for batch 1; any batch computes the same
             x = torch.randn(batch, *reference.input_shape, generator=generator)
             assert _spread_error(servable.run((), x, {}), reference(x)) < 1e-4
+
+
+def test_convolutions_are_packed_for_their_input_shape() -> None:
+    """oneDNN chooses a weight layout for a given input shape; packing each convolution for the
+    shape it sees (GoogLeNet's, from the BVLC prototxt's geometry) spares a reorder per call."""
+    from lrnserve.server.models.base import conv_input_sizes
+
+    net = create_network("googlenet").eval()
+    sizes = conv_input_sizes(net, net.input_shape)
+    features = net.features
+    assert sizes[features.conv1_7x7_s2] == [1, 3, 224, 224]
+    assert sizes[features.conv2_3x3] == [1, 64, 56, 56]
+    assert sizes[features.inception_3a.branch_3x3[1][0]] == [1, 96, 28, 28]
+    assert sizes[features.inception_4e.branch_pool[1][0]] == [1, 528, 14, 14]
+    assert sizes[features.inception_5b.branch_1x1[0]] == [1, 832, 7, 7]
+    assert len(sizes) == 57
 
 
 @pytest.mark.parametrize("kind", ["caffe", "onnx"])

@@ -239,7 +239,9 @@ class GraphNetwork(nn.Module):
                 conv.weight.copy_(weight)
                 if bias is not None and conv.bias is not None:
                     conv.bias.copy_(bias)
-            return base.PackedConv2d(conv, relu=False), args[1:]
+            shape = self.value_shapes.get(args[0][1])
+            input_size = [1, *shape[1:]] if shape is not None and len(shape) == 4 else None
+            return base.PackedConv2d(conv, relu=False, input_size=input_size), args[1:]
         if isinstance(op, ir.InnerProduct) and op.axis == 1 and weight.dim() == 2:
             matrix = weight.t() if op.transpose else weight
             return _PackedFlat(_linear(matrix, bias)), args[1:]

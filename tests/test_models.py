@@ -234,7 +234,7 @@ def test_the_served_cpu_engine_keeps_outputs_and_lrn_kernels(name: str) -> None:
     description = servable.load(torch.device("cpu"))
     reference = create_network(name)
     if onednn_packing_available():
-        assert "prepacked for oneDNN" in description
+        assert "linear layers prepared for the CPU" in description
     assert isinstance(servable.network, LRNNetwork)
     assert [type(m) for _, m in servable.network.lrn_layers()] == [LocalResponseNorm] * 2
     generator = torch.Generator().manual_seed(3)
@@ -283,7 +283,7 @@ def test_an_imported_graph_is_prepacked_with_the_same_outputs(kind: str, tmp_pat
     from lrnserve.server.models.base import onednn_packing_available
 
     if onednn_packing_available():
-        assert "4 layers prepacked for oneDNN" in description  # conv1-3 and ip1
+        assert "4 convolution and linear layers prepared for the CPU" in description  # conv1-3, ip1
     reference = GraphNetwork(graph).eval()
     x = torch.randn(4, *reference.input_shape, generator=torch.Generator().manual_seed(4))
     with torch.inference_mode():

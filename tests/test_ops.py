@@ -385,3 +385,33 @@ def test_cuda_matches_reference(mode: str, dtype: torch.dtype) -> None:
     expected = lrn_reference(x.double().numpy(), 5, 1e-3, 0.75, 1.0, mode)
     rtol = {torch.float64: 1e-12, torch.float32: 1e-6}.get(dtype, 8e-3)
     assert_close(y, expected, rtol=rtol)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3])
+@pytest.mark.parametrize(("inner", "outer"), [(9216, 37), (1, 1), (33, 4), (100, 1001)])
+@pytest.mark.parametrize("relu", [False, True])
+def test_linear_kernel_matches_float64(rows: int, inner: int, outer: int, relu: bool) -> None:
+    # The classifier's few-row kernel (csrc/linear.cpp) against numpy's float64 matmul.
+    kernel = native.kernel()
+    assert kernel is not None, native.unavailable_reason()
+    gen = torch.Generator().manual_seed(rows * 1000 + inner + outer)
+    x = torch.randn(rows, inner, generator=gen)
+    weight = torch.randn(outer, inner, generator=gen) / inner**0.5
+    for bias in (torch.randn(outer, generator=gen), None):
+        expected = x.double().numpy() @ weight.double().numpy().T
+        if bias is not None:
+            expected = expected + bias.double().numpy()
+        if relu:
+            expected = np.maximum(expected, 0.0)
+        got = kernel.linear(x, weight, bias, relu)
+        assert got.shape == (rows, outer) and got.dtype == torch.float32
+        scale = max(float(np.abs(expected).max()), 1e-30)
+        np.testing.assert_allclose(got.double().numpy() / scale, expected / scale, rtol=0, atol=2e-6)
+
+
+def test_linear_kernel_relu_keeps_nan() -> None:
+    kernel = native.kernel()
+    assert kernel is not None
+    x = torch.tensor([[1.0, -2.0], [float("nan"), 0.5]])
+    got = kernel.linear(x, torch.eye(2), None, True)  # like torch.relu: negatives to 0, NaN stays
+    assert got[0].tolist() == [1.0, 0.0] and torch.isnan(got[1]).all()

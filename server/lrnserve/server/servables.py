@@ -321,12 +321,13 @@ class NetworkServable(Servable):
         self.network = self.network.to(device=device, dtype=self.dtype).eval()
         described = ""
         if device.type == "cpu" and self.dtype == torch.float32:
-            # Conv and Linear weights reordered once for oneDNN, each ReLU after them fused, max
-            # pools through oneDNN (bench/networks.py --unpacked, 2 threads, one run: AlexNet
-            # 1.8x / 1.9x / 1.2x at batch 1 / 8 / 32, CaffeNet 2.0x / 1.9x / 1.4x; fc6 alone
-            # 4x at batch 8 and 32, NCHW max pools 4-17x).
+            # Conv weights reordered once for oneDNN (for their input shape), Linear layers through
+            # the streaming kernel or oneDNN by batch size, each ReLU after them fused, max pools
+            # through oneDNN or torch's NHWC kernel by layout (bench/networks.py --unpacked, 2
+            # threads, one run, before the last three: AlexNet 1.8x / 1.9x / 1.2x at batch 1 / 8
+            # / 32, CaffeNet 2.0x / 1.9x / 1.4x; fc6 alone 4x at batch 8 and 32).
             packed = self.network.prepack_for_cpu()
-            described = f"; {packed} layers prepacked for oneDNN" if packed else ""
+            described = f"; {packed} convolution and linear layers prepared for the CPU" if packed else ""
         warm_up: tuple[int, ...] = (1,)
         if device.type == "cuda":
             described += f"; {cuda.configure_network(self.name, self.dtype, self.config.allow_tf32)}"

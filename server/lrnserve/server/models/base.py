@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import LocalResponseNorm, LRNParams, channels_last
+from ..ops import LocalResponseNorm, LRNParams, channels_last, native
 
 logger = logging.getLogger(__name__)
 
@@ -75,21 +75,33 @@ class PackedConv2d(nn.Module):
         )
 
 
-class PackedLinear(nn.Module):
-    """A float32 CPU Linear (and the ReLU after it, fused) through oneDNN with its weight
-    prepacked at load: torch's F.linear goes through MKL's sgemm, which on this AMD EPYC runs
-    AlexNet's fc6 (9216 -> 4096) 4-5x slower than oneDNN at batch 8 and 32 (bench: 63 vs 14 ms,
-    92 vs 24 ms), and no faster at batch 1."""
+SMALL_ROWS = 3  # CpuLinear: at most this many rows through the streaming kernel
+
+
+class CpuLinear(nn.Module):
+    """A float32 CPU Linear (and the ReLU after it, fused), by the number of rows. Up to
+    ``SMALL_ROWS`` rows: lrnserve's streaming kernel (``ops.native``, ``csrc/linear.cpp``), which
+    reads each weight once at memory speed; AlexNet's fc6 (151 MB) at batch 1 took 3.0-5.0 ms
+    there against 4.8-6.7 ms with oneDNN's prepacked weights (1.3-1.6x at 1-2 rows, 1.1x at 3,
+    slower from 4). More rows: oneDNN's linear; MKL's sgemm behind F.linear ran fc6 4-5x slower at
+    batch 8 and 32 on this AMD EPYC (63 vs 14 ms, 92 vs 24 ms). Both read one row-major copy of
+    the weights: oneDNN's prepacked layout was within 15 % at 8 rows and 2 % at 32 (7.9 vs 9.1 ms,
+    16.8 vs 17.0 ms) and a second copy would double the classifier's memory. Outputs agree within
+    float32 rounding (the kernels sum in different orders)."""
 
     def __init__(self, linear: nn.Linear, relu: bool) -> None:
         super().__init__()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
-        self.bias = None if linear.bias is None else linear.bias.detach()
+        self.weight = linear.weight.detach().contiguous()
+        self.bias = None if linear.bias is None else linear.bias.detach().contiguous()
         self.attr = "relu" if relu else "none"
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, self.attr, [], "")  # type: ignore[no-any-return]
+        if x.dim() == 2 and x.shape[0] <= SMALL_ROWS and x.dtype == torch.float32 and not x.requires_grad:
+            kernel = native.kernel()
+            if kernel is not None:
+                return kernel.linear(x.contiguous(), self.weight, self.bias, self.attr == "relu")
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, self.attr, [], "")  # type: ignore[no-any-return]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, attr={self.attr}"
@@ -198,7 +210,7 @@ def prepack_for_cpu(root: nn.Module, sample_shape: Sequence[int] | None = None) 
                     sequential._modules[name] = PackedConv2d(layer, relu, input_sizes.get(layer))
                 else:
                     assert isinstance(layer, nn.Linear)
-                    sequential._modules[name] = PackedLinear(layer, relu)
+                    sequential._modules[name] = CpuLinear(layer, relu)
             if relu:
                 sequential._modules[names[index + 1]] = nn.Identity()
             packed += 1

@@ -176,9 +176,10 @@ class GraphNetwork(nn.Module):
         return planned
 
     def prepack_for_cpu(self) -> int:
-        """Conv, InnerProduct and Gemm nodes with constant float32 CPU weights run through
-        oneDNN with their weights reordered once, here (``base.PackedConv2d``/``PackedLinear``),
-        a ReLU node that alone reads one's output fused into it. Returns the nodes packed."""
+        """Conv nodes with constant float32 CPU weights run through oneDNN with their weights
+        reordered once, here (``base.PackedConv2d``), InnerProduct and Gemm nodes through
+        ``base.CpuLinear``, a ReLU node that alone reads one's output fused into either. Returns
+        the nodes prepared."""
         if not base.onednn_packing_available():
             return 0
         reads: dict[str, int] = {}
@@ -294,19 +295,19 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> base.PackedLinear:
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> base.CpuLinear:
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
     with torch.no_grad():
         linear.weight.copy_(weight)
         if bias is not None and linear.bias is not None:
             linear.bias.copy_(bias)
-    return base.PackedLinear(linear, relu=False)
+    return base.CpuLinear(linear, relu=False)
 
 
 class _PackedFlat(nn.Module):
     """A prepacked InnerProduct (x flattened from axis 1) or Gemm (x already 2-D)."""
 
-    def __init__(self, linear: base.PackedLinear, flatten: bool = True) -> None:
+    def __init__(self, linear: base.CpuLinear, flatten: bool = True) -> None:
         super().__init__()
         self.linear, self.flatten = linear, flatten
 

@@ -1,4 +1,5 @@
-"""Build, cache and call the fused C++ LRN kernel (``csrc/lrn.cpp``).
+"""Build, cache and call the fused C++ LRN kernel (``csrc/lrn.cpp``), and the few-row fully
+connected kernel beside it in the same library (``csrc/linear.cpp``).
 
 The kernel is a plain C ABI library compiled with the system C++ compiler the
 first time it is needed and cached on disk, keyed by its source, flags and the
@@ -29,8 +30,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-ABI_VERSION = 2
-SOURCE = Path(__file__).with_name("csrc") / "lrn.cpp"
+ABI_VERSION = 3
+SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("lrn.cpp", "linear.cpp"))
 _BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno")
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 _MODE_CODES = {"across": 0, "within": 1}
@@ -74,6 +75,23 @@ class NativeKernel:
             fn.argtypes = _ARGTYPES
         self._releasing = releasing
         self._holding = holding
+        self._linear = library.lrnserve_linear_forward
+        self._linear.restype = ctypes.c_int
+        self._linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, relu: bool) -> torch.Tensor:
+        """``x @ weight.T + bias`` (then ReLU), for x [M, K] with a few rows M; float32, contiguous
+        x and weight [O, K], on the CPU. Called without the GIL."""
+        rows, inner = x.shape
+        out = torch.empty(rows, weight.shape[0], dtype=torch.float32)
+        bias_address = bias.data_ptr() if bias is not None else None
+        rc = self._linear(
+            x.data_ptr(), weight.data_ptr(), bias_address, out.data_ptr(), rows, inner, weight.shape[0],
+            int(relu), torch.get_num_threads(),
+        )  # fmt: skip
+        if rc != 0:
+            raise RuntimeError(f"native linear kernel rejected its arguments (code {rc})")
+        return out
 
     def forward(
         self,
@@ -167,7 +185,8 @@ def _flags(target: str | None) -> list[str]:
 
 def _library_path(target: str | None) -> Path:
     digest = hashlib.sha256()
-    digest.update(SOURCE.read_bytes())
+    for source in SOURCES:
+        digest.update(source.read_bytes())
     digest.update(" ".join(_flags(target)).encode())
     digest.update(platform.machine().encode())
     name = f"liblrnserve-lrn-abi{ABI_VERSION}-{target or 'default'}-{digest.hexdigest()[:16]}.so"
@@ -190,7 +209,7 @@ def _compile(target: str | None, destination: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=destination.parent)
     os.close(fd)
     try:
-        cmd = [compiler, *_flags(target), str(SOURCE), "-o", tmp]
+        cmd = [compiler, *_flags(target), *(str(source) for source in SOURCES), "-o", tmp]
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr.strip()[-2000:]}")

@@ -544,7 +544,7 @@ void run(int mode, bool channels_last, const void* x, void* y, int64_t N, int64_
 extern "C" {
 
 // Version of this ABI; the Python loader refuses a library that disagrees.
-int lrnserve_abi_version() { return 2; }
+int lrnserve_abi_version() { return 3; }
 
 // dtype: 0 float32, 1 float64, 2 float16, 3 bfloat16. mode: 0 across, 1 within. layout: 0 NCHW
 // (contiguous), 1 NHWC (channels-last contiguous; across only). x and y share the layout.

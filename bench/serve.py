@@ -23,7 +23,11 @@ torch's stock LRN, runs beside them in the same repetitions for the lrn cases
 (set it up once with ``bash bench/mlserver_baseline/setup.sh``; ``--no-mlserver``
 skips it), and so does the transport's limit: bench/grpc_echo.py, which answers
 without reading the request (``--no-echo`` skips it). ``--stream`` adds the batching server
-loaded over one ModelStreamInfer stream (``concurrency`` requests outstanding on it).
+loaded over one ModelStreamInfer stream (``concurrency`` requests outstanding on it);
+``--shared-memory`` the batching server (``--allow-shared-memory``) loaded through system shared
+memory, each caller with its own input and output regions (inputs written once, not per call);
+``--baseline-tree PATH`` the batching server running another checkout's code, for a before/after
+of a change in one run; ``--no-unbatched`` skips the max_batch_size = 1 server.
 
 BENCH_DELAY_US=N overrides max_queue_delay_us of the batching server;
 --instances/--threads set the models' instance layout (default: the server's
@@ -138,7 +142,11 @@ SERVER_PIDS: dict[str, int] = {}  # target -> process id of the server answering
 
 
 @contextmanager
-def server(max_batch_size: int, metrics: bool = True) -> Iterator[str]:
+def server(
+    max_batch_size: int, metrics: bool = True, shared_memory: bool = False, tree: Path | None = None
+) -> Iterator[str]:
+    """``lrnserve serve`` on loopback; ``tree``: the code of another checkout (its server/ and
+    client/ first on the child's path), e.g. the commit before a change, for a before/after."""
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "bench.toml"
         config.write_text(config_text(max_batch_size))
@@ -147,7 +155,13 @@ def server(max_batch_size: int, metrics: bool = True) -> Iterator[str]:
         command += ["--host", "127.0.0.1", "--grpc-port", str(port), "--metrics-port", "0", "--log-level", "warning"]
         if not metrics:
             command.append("--no-metrics")
-        proc = subprocess.Popen(command, env=os.environ.copy())
+        if shared_memory:
+            command.append("--allow-shared-memory")
+        env = os.environ.copy()
+        if tree is not None:
+            paths = [str(tree / "server"), str(tree / "client"), env.get("PYTHONPATH", "")]
+            env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+        proc = subprocess.Popen(command, env=env)
         target = f"127.0.0.1:{port}"
         SERVER_PIDS[target] = proc.pid
         try:
@@ -194,6 +208,51 @@ def request_for(case: Case) -> pb.ModelInferRequest:
     return request
 
 
+@contextmanager
+def shared_memory_requests(target: str, case: Case, callers: int) -> Iterator[list[pb.ModelInferRequest]]:
+    """One request per caller, each naming its own input and output regions (POSIX shared memory,
+    registered with the server, as tritonclient's helpers and the SDK's same-host mode make
+    them): the input written once, the answer written by the server into the output region."""
+    from multiprocessing import shared_memory as posix
+
+    x = np.random.default_rng(0).standard_normal(case.shape).astype(np.float32)
+    with grpc.insecure_channel(target) as channel:
+        client = pb_grpc.GRPCInferenceServiceStub(channel)
+        metadata = client.ModelMetadata(pb.ModelMetadataRequest(name=case.model), timeout=10)
+        output_name = metadata.outputs[0].name
+        out_bytes = 4 * math.prod(
+            case.shape if case.model == "lrn" else (case.shape[0], *metadata.outputs[0].shape[1:])
+        )
+        segments: list[posix.SharedMemory] = []
+        try:
+            requests = []
+            for caller in range(callers):
+                regions = []
+                for role, nbytes in (("in", x.nbytes), ("out", out_bytes)):
+                    segment = posix.SharedMemory(create=True, size=nbytes)
+                    segments.append(segment)
+                    name = f"bench_{caller}_{role}_{segment.name}"
+                    client.SystemSharedMemoryRegister(
+                        pb.SystemSharedMemoryRegisterRequest(name=name, key=f"/{segment.name}", byte_size=nbytes),
+                        timeout=10,
+                    )
+                    regions.append((name, nbytes))
+                segments[-2].buf[: x.nbytes] = x.tobytes()
+                request = pb.ModelInferRequest(model_name=case.model)
+                tensor = request.inputs.add(name="input", datatype="FP32", shape=list(case.shape))
+                output = request.outputs.add(name=output_name)
+                for target_params, (name, nbytes) in ((tensor.parameters, regions[0]), (output.parameters, regions[1])):
+                    target_params["shared_memory_region"].string_param = name
+                    target_params["shared_memory_byte_size"].int64_param = nbytes
+                requests.append(request)
+            yield requests
+        finally:
+            client.SystemSharedMemoryUnregister(pb.SystemSharedMemoryUnregisterRequest(), timeout=10)  # all
+            for segment in segments:
+                segment.close()
+                segment.unlink()
+
+
 def batch_counts(target: str, model: str) -> dict[int, int]:
     with grpc.insecure_channel(target) as channel:
         client = pb_grpc.GRPCInferenceServiceStub(channel)
@@ -225,6 +284,8 @@ class Variant:
     # lrnserve; "mlserver": MLServer serving torch's stock LRN; "echo": bench/grpc_echo.py (both lrn only)
     kind: str = "lrnserve"
     stream: bool = False  # the load over one ModelStreamInfer stream instead of ModelInfer calls
+    shared_memory: bool = False  # tensors through system shared memory (a region pair per caller)
+    tree: Path | None = None  # another checkout's code (``server``)
 
     @property
     def baseline(self) -> bool:
@@ -238,7 +299,7 @@ class Variant:
             return stack.enter_context(mlserver())
         if self.kind == "echo":
             return stack.enter_context(echo_server())
-        return stack.enter_context(server(self.max_batch_size, self.metrics))
+        return stack.enter_context(server(self.max_batch_size, self.metrics, self.shared_memory, self.tree))
 
 
 BATCHED = Variant("batched", 32)
@@ -247,6 +308,7 @@ METRICS_OFF = Variant("batched, metrics off", 32, metrics=False)
 MLSERVER = Variant("MLServer", 32, kind="mlserver")
 ECHO = Variant("gRPC echo", 0, kind="echo")
 STREAMED = Variant("batched, one stream", 32, stream=True)
+SHARED_MEMORY = Variant("batched, shared memory", 32, shared_memory=True)
 
 Runs = dict[Variant, dict[tuple[str, int], list["Cell"]]]
 
@@ -254,7 +316,13 @@ Runs = dict[Variant, dict[tuple[str, int], list["Cell"]]]
 def measure_cell(target: str, variant: Variant, case: Case, concurrency: int, duration: float) -> Cell:
     counts = (lambda: {}) if variant.baseline else (lambda: batch_counts(target, case.model))  # baselines: unknown
     before = counts()
-    result = run_load(target, request_for(case), concurrency, duration, warmup=1.0, stream=variant.stream)
+    with ExitStack() as regions:
+        requests = (
+            regions.enter_context(shared_memory_requests(target, case, concurrency))
+            if variant.shared_memory
+            else [request_for(case)]
+        )
+        result = run_load(target, requests, concurrency, duration, warmup=1.0, stream=variant.stream)
     after = counts()
     formed = {size: after[size] - before.get(size, 0) for size in after if after[size] > before.get(size, 0)}
     cell = Cell(result, formed)
@@ -287,7 +355,7 @@ def measure(
                     order = variants if rep % 2 == 0 else variants[::-1]
                     for variant in (v for v in order if v.serves(case)):
                         cell = measure_cell(targets[variant], variant, case, concurrency, duration)
-                        if ceilings is not None and variant.max_batch_size > 1 and not variant.baseline:
+                        if ceilings is not None and variant == BATCHED:
                             instances, threads = LAYOUT.resolved(case)
                             busy = min(instances, concurrency)  # fewer requests than instances leave some idle
                             cell.ceiling = float(ceilings.apply(ceiling, (case, cell.batches, busy, threads)))
@@ -455,6 +523,15 @@ def main() -> None:
         "--stream", action="store_true", help="also the batching server loaded over one ModelStreamInfer stream"
     )
     parser.add_argument(
+        "--shared-memory", action="store_true", help="also the batching server loaded through system shared memory"
+    )
+    parser.add_argument(
+        "--baseline-tree",
+        type=Path,
+        help="also the batching server running another checkout's code (e.g. the commit before a change)",
+    )
+    parser.add_argument("--no-unbatched", action="store_true", help="skip the max_batch_size = 1 server")
+    parser.add_argument(
         "--device", choices=("cpu", "cuda"), default="cpu", help="where the models run (cuda: no MLServer baseline)"
     )
     args = parser.parse_args()
@@ -472,12 +549,17 @@ def main() -> None:
     for case in cases:
         instances, threads = LAYOUT.resolved(case)
         print(f"  {case.model}: {instances} instance(s) x {threads} CPU thread(s)")
-    variants = [BATCHED, UNBATCHED] + ([] if args.no_mlserver else [MLSERVER]) + ([] if args.no_echo else [ECHO])
+    variants = [BATCHED] + ([] if args.no_unbatched else [UNBATCHED])
+    variants += ([] if args.no_mlserver else [MLSERVER]) + ([] if args.no_echo else [ECHO])
+    extra = [SHARED_MEMORY] if args.shared_memory else []
+    if args.baseline_tree:
+        extra.append(Variant(f"batched, {args.baseline_tree.name}", 32, tree=args.baseline_tree.resolve()))
+    variants += extra
     variants += [STREAMED] if args.stream else []
     with ceiling_child() as child:
         runs = measure(variants, cases, concurrencies, args.duration, args.reps, ceilings=child)
     batched = {key: Summary.of(cells) for key, cells in runs[BATCHED].items()}
-    unbatched = {key: Summary.of(cells) for key, cells in runs[UNBATCHED].items()}
+    unbatched = {key: Summary.of(cells) for key, cells in runs.get(UNBATCHED, {}).items()}
     baseline = {key: Summary.of(cells) for key, cells in runs.get(MLSERVER, {}).items()}
     echo = {key: Summary.of(cells) for key, cells in runs.get(ECHO, {}).items()}
     streamed = {key: Summary.of(cells) for key, cells in runs.get(STREAMED, {}).items()}
@@ -505,19 +587,40 @@ def main() -> None:
     print("-" * len(header))
     for case in cases:
         for concurrency in concurrencies:
-            b, u = batched[(case.key, concurrency)], unbatched[(case.key, concurrency)]
-            wins = sum(x > y for x, y in zip(b.throughputs, u.throughputs, strict=True))
+            b, u = batched[(case.key, concurrency)], unbatched.get((case.key, concurrency))
             m = baseline.get((case.key, concurrency))
             versus = f"{m.throughput:12.1f}{b.throughput / m.throughput:11.1f}x" if m else f"{'':24}"
             e = echo.get((case.key, concurrency))
             versus += f"{e.throughput:9.1f}{b.throughput / e.throughput:9.0%}" if e else f"{'':18}"
             st = streamed.get((case.key, concurrency))
             versus += f"{st.throughput:10.1f}{st.throughput / b.throughput:12.2f}x" if st else ""
+            if u is not None:
+                wins = sum(x > y for x, y in zip(b.throughputs, u.throughputs, strict=True))
+                against = f"{u.throughput:13.1f}{u.latency_text()}{b.throughput / u.throughput:9.2f}x"
+                against += f"{f'{wins}/{args.reps}':>6}"
+            else:
+                against = f"{'-':>13}{'':16}{'-':>10}{'-':>6}"
             print(
-                f"{case.label:26}{concurrency:>5}{b.throughput:11.1f}{b.latency_text()}"
-                f"{u.throughput:13.1f}{u.latency_text()}{b.throughput / u.throughput:9.2f}x"
-                f"{f'{wins}/{args.reps}':>6}{b.mean_batch:11.1f}{b.ceiling:11.1f}{b.served_fraction:11.0%}{versus}"
+                f"{case.label:26}{concurrency:>5}{b.throughput:11.1f}{b.latency_text()}{against}"
+                f"{b.mean_batch:11.1f}{b.ceiling:11.1f}{b.served_fraction:11.0%}{versus}"
             )
+    if extra:
+        print("\nbeside the batching server in the same runs (req/s, medians; ratio to the batching server):")
+        line = f"{'case':26}{'conc':>5}{'batched/s':>11}" + "".join(f"{v.label + '/s':>34}{'ratio':>8}" for v in extra)
+        print(line)
+        print("-" * len(line))
+        for case in cases:
+            for concurrency in concurrencies:
+                b = batched[(case.key, concurrency)]
+                text = f"{case.label:26}{concurrency:>5}{b.throughput:11.1f}"
+                for variant in extra:
+                    cells = runs[variant].get((case.key, concurrency))
+                    if cells:
+                        other = Summary.of(cells).throughput
+                        text += f"{other:34.1f}{other / b.throughput:7.2f}x"
+                    else:
+                        text += f"{'-':>34}{'':8}"
+                print(text)
     if overhead:
         print(
             f"\nmetrics overhead at concurrency {max(concurrencies)} (batching server; medians of "

@@ -124,6 +124,24 @@ def test_bench_counts_errors_by_code(server: ServerThread, tmp_path: Path) -> No
     assert run["p50_ms"] is None
 
 
+def test_load_generator_sends_each_worker_its_own_request(server: ServerThread) -> None:
+    # bench/serve.py's shared memory runs give every worker its own regions this way.
+    from lrnserve.client.loadgen import run_load
+    from lrnserve.client.pb import grpc_predict_v2_pb2 as pb
+
+    def request(alpha: float) -> pb.ModelInferRequest:
+        message = pb.ModelInferRequest(model_name="lrn")
+        message.inputs.add(name="input", datatype="FP32", shape=[1, 2, 2, 2])
+        message.raw_input_contents.append(np.ones(8, np.float32).tobytes())
+        message.parameters["alpha"].double_param = alpha
+        return message
+
+    result = run_load(server.target, [request(1e-4), request(-1.0)], 2, 0.3, warmup=0)
+    assert result.ok > 0 and result.errors["INVALID_ARGUMENT"] > 0 and set(result.errors) == {"INVALID_ARGUMENT"}
+    with pytest.raises(ValueError, match="no request"):
+        run_load(server.target, [], 1, 0.1)
+
+
 @pytest.mark.parametrize("command", ["serve", "infer", "health", "bench"])
 def test_help(command: str) -> None:
     result = lrnserve(command, "--help")

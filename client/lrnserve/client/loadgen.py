@@ -87,7 +87,7 @@ async def _report(result: LoadResult, start: float, total: float, progress: Prog
 
 async def _run(
     target: str,
-    payload: bytes,
+    payloads: Sequence[bytes],
     concurrency: int,
     duration: float,
     warmup: float,
@@ -105,7 +105,7 @@ async def _run(
         measure_from = start + warmup
         stop_at = measure_from + duration
 
-        async def worker() -> None:
+        async def worker(payload: bytes) -> None:
             while True:
                 sent = time.perf_counter()
                 if sent >= stop_at:
@@ -124,7 +124,7 @@ async def _run(
 
         reporter = asyncio.create_task(_report(result, start, warmup + duration, progress))
         try:
-            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            await asyncio.gather(*(worker(payloads[i % len(payloads)]) for i in range(concurrency)))
         finally:
             reporter.cancel()
         # Calls that started before the deadline finish after it; count the time they took.
@@ -146,7 +146,7 @@ ID_KEY = (pb.ModelInferRequest.ID_FIELD_NUMBER << 3) | 2  # field 3, length-deli
 
 async def _run_stream(
     target: str,
-    payload: bytes,
+    payloads: Sequence[bytes],
     concurrency: int,
     duration: float,
     warmup: float,
@@ -176,7 +176,7 @@ async def _run_stream(
                 if now >= stop_at:
                     break
                 sent_at[str(request_id)] = now
-                await call.write(_with_id(payload, request_id))
+                await call.write(_with_id(payloads[request_id % len(payloads)], request_id))
             await call.done_writing()
 
         async def receive() -> None:
@@ -205,7 +205,7 @@ async def _run_stream(
 
 def run_load(
     target: str,
-    request: pb.ModelInferRequest,
+    request: pb.ModelInferRequest | Sequence[pb.ModelInferRequest],
     concurrency: int,
     duration: float,
     *,
@@ -221,15 +221,22 @@ def run_load(
 
     ``stream``: one ModelStreamInfer stream with ``concurrency`` requests outstanding on it
     (each answer lets the next request go), instead of ``concurrency`` ModelInfer calls at a
-    time. ``credentials`` (TLS) and ``metadata`` (e.g. a bearer token) are used as given."""
+    time. ``credentials`` (TLS) and ``metadata`` (e.g. a bearer token) are used as given.
+    Several requests: worker i sends request i (modulo their number), e.g. one per worker when
+    each names its own shared memory regions; on a stream, they take turns."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     if duration <= 0:
         raise ValueError(f"duration must be > 0 seconds, got {duration}")
-    without_id = pb.ModelInferRequest()
-    without_id.CopyFrom(request)
-    without_id.ClearField("id")
-    payload = without_id.SerializeToString()
+    requests = [request] if isinstance(request, pb.ModelInferRequest) else list(request)
+    if not requests:
+        raise ValueError("no request to send")
+    payloads = []
+    for each in requests:
+        without_id = pb.ModelInferRequest()
+        without_id.CopyFrom(each)
+        without_id.ClearField("id")
+        payloads.append(without_id.SerializeToString())
     engine = _run_stream if stream else _run
     settings = (channel_options, credentials, metadata)
-    return asyncio.run(engine(target, payload, concurrency, duration, warmup, timeout, progress, *settings))
+    return asyncio.run(engine(target, payloads, concurrency, duration, warmup, timeout, progress, *settings))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -140,6 +141,22 @@ def test_load_generator_sends_each_worker_its_own_request(server: ServerThread) 
     assert result.ok > 0 and result.errors["INVALID_ARGUMENT"] > 0 and set(result.errors) == {"INVALID_ARGUMENT"}
     with pytest.raises(ValueError, match="no request"):
         run_load(server.target, [], 1, 0.1)
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [({}, "1000"), ({"GOMP_SPINCOUNT": "5"}, "5"), ({"OMP_WAIT_POLICY": "active"}, None)],
+)
+def test_serve_lets_openmp_workers_sleep_unless_told(given: dict[str, str], expected: str | None) -> None:
+    # Set by `lrnserve serve` before the server (and torch's libgomp) is imported.
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")} | given
+    script = (
+        "import os, sys; from lrnserve.client.cli import quiet_openmp_spin; quiet_openmp_spin(); "
+        "print(os.environ.get('GOMP_SPINCOUNT'), 'torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(expected), "False"]
 
 
 @pytest.mark.parametrize("command", ["serve", "infer", "health", "bench"])

@@ -60,33 +60,30 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("size", [*SIZES, 64, 1000])
-@pytest.mark.parametrize("shape", [*SHAPES, (2, 96, 7, 5)])
-def test_channels_last_across_matches_float64_reference(size: int, shape: tuple[int, ...]) -> None:
-    # The kernel's NHWC path: what oneDNN's convolutions hand a network's LRN layers.
+@pytest.mark.parametrize("shape", [*SHAPES, (2, 96, 7, 5), (1, 16, 40, 3)])
+def test_channels_last_matches_float64_reference(mode: str, size: int, shape: tuple[int, ...]) -> None:
+    # The kernel's NHWC paths: what oneDNN's convolutions hand a network's LRN layers.
     gen = torch.Generator().manual_seed(size * 10 + shape[1])
     x = channels_last(torch.randn(shape, generator=gen, dtype=torch.float64) * 3)
-    expected = lrn_reference(x.numpy(), size, 0.7, 0.75, 1.3, "across")
     for dtype, rtol in ((torch.float64, 1e-13), (torch.float32, 1e-6)):
-        y = local_response_norm(x.to(dtype), size, 0.7, 0.75, 1.3)
+        y = local_response_norm(x.to(dtype), size, 0.7, 0.75, 1.3, mode)
         assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
-        assert_close(y, lrn_reference(x.to(dtype).double().numpy(), size, 0.7, 0.75, 1.3, "across"), rtol=rtol)
-    assert_close(local_response_norm(x, size, 0.7, 0.75, 1.3), expected, rtol=1e-13)
+        assert_close(y, lrn_reference(x.to(dtype).double().numpy(), size, 0.7, 0.75, 1.3, mode), rtol=rtol)
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("beta", [0.75, 0.5, 1.0, 0.0, 0.3, -0.4, 2.5])
-def test_channels_last_every_power_path_and_half_types(beta: float) -> None:
+def test_channels_last_every_power_path_and_half_types(mode: str, beta: float) -> None:
     x = channels_last(torch.randn(3, 11, 6, 7, generator=torch.Generator().manual_seed(8)) * 4)
-    assert_close(
-        local_response_norm(x, 5, 2.0, beta, 0.8),
-        lrn_reference(x.double().numpy(), 5, 2.0, beta, 0.8, "across"),
-        rtol=2e-6,
-    )
+    expected = lrn_reference(x.double().numpy(), 5, 2.0, beta, 0.8, mode)
+    assert_close(local_response_norm(x, 5, 2.0, beta, 0.8, mode), expected, rtol=2e-6)
     for dtype, rtol in ((torch.float16, 2e-3), (torch.bfloat16, 8e-3)):
         half = x.to(dtype)
-        y = local_response_norm(half, 5, 2.0, beta, 0.8)
+        y = local_response_norm(half, 5, 2.0, beta, 0.8, mode)
         assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
-        assert_close(y, lrn_reference(half.double().numpy(), 5, 2.0, beta, 0.8, "across"), rtol=rtol, atol=1e-3)
+        assert_close(y, lrn_reference(half.double().numpy(), 5, 2.0, beta, 0.8, mode), rtol=rtol, atol=1e-3)
 
 
 @pytest.fixture

@@ -139,8 +139,8 @@ def test_non_contiguous_input() -> None:
         for mode in MODES:
             expected = lrn_reference(x.double().numpy(), 3, 0.5, 0.75, 1.0, mode)
             y = local_response_norm(x, 3, 0.5, 0.75, 1.0, mode)
-            # The op's layout on the CPU, whichever kernel runs: channels-last in, across -> channels-last out.
-            layout = torch.channels_last if x is nhwc and mode == "across" else torch.contiguous_format
+            # The op's layout on the CPU, whichever kernel runs: channels-last in, channels-last out.
+            layout = torch.channels_last if x is nhwc else torch.contiguous_format
             assert y.is_contiguous(memory_format=layout)
             assert_close(y, expected, rtol=1e-6)
 

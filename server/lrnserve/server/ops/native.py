@@ -30,7 +30,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("lrn.cpp", "linear.cpp"))
 _BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno")
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
@@ -104,8 +104,8 @@ class NativeKernel:
         k: torch.Tensor,
         channels_last: bool = False,
     ) -> None:
-        """x, out: contiguous NCHW on the CPU, or both channels-last contiguous (across only);
-        alpha/beta/k: contiguous float64, one per sample."""
+        """x, out: contiguous NCHW on the CPU, or both channels-last contiguous; alpha/beta/k:
+        contiguous float64, one per sample."""
         self.forward_raw(
             x.dtype,
             mode,

@@ -10,8 +10,8 @@ str mode) -> Tensor`` (scalar parameters; the server's per-sample batches keep c
   Triton does not import (logged once);
 - every other device: the composed torch ops;
 - fake/meta tensors (torch.compile, torch.export, the ONNX exporter): a tensor of x's shape and
-  dtype in the output's layout (``output_format``: channels-last for a channels-last CPU input
-  across channels, which the fused kernel computes in that layout; contiguous otherwise);
+  dtype in the output's layout (``output_format``: channels-last for a channels-last CPU input,
+  which the fused kernel computes in that layout; contiguous otherwise);
 - autograd: an analytic backward in torch ops (``composed.local_response_norm_backward``).
 
 Because the dispatcher sees the op, ``torch.jit.trace`` records it instead of baking its output
@@ -62,10 +62,10 @@ def channels_last(x: torch.Tensor) -> bool:
 
 
 def output_format(x: torch.Tensor, mode: str) -> torch.memory_format:
-    """The layout of the op's output: channels-last for a channels-last CPU input across channels
-    (the fused kernel reads and writes it in place of a copy each way, and oneDNN's convolutions
-    produce it), contiguous NCHW otherwise."""
-    if x.device.type == "cpu" and mode == "across" and channels_last(x):
+    """The layout of the op's output: channels-last for a channels-last CPU input (the fused
+    kernel reads and writes it in place of a copy each way, and oneDNN's convolutions produce
+    it), contiguous NCHW otherwise. ``mode`` does not matter: both modes have an NHWC path."""
+    if x.device.type == "cpu" and channels_last(x):
         return torch.channels_last
     return torch.contiguous_format
 

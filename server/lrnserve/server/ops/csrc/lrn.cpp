@@ -1,5 +1,5 @@
-// Fused Local Response Normalization for contiguous NCHW tensors on the CPU (and channels-last
-// NHWC ones across channels).
+// Fused Local Response Normalization for contiguous NCHW and channels-last (NHWC) tensors on the
+// CPU.
 //
 // One pass over the input: every output element reads its window of squares
 // straight from the (cache-resident) input rows, so nothing is materialised
@@ -525,14 +525,102 @@ void lrn_within(const T* x, T* y, int64_t N, int64_t C, int64_t H, int64_t W, in
   }
 }
 
+// Channels-last (NHWC), within channel: a row of W pixels is W * C contiguous values, so this is
+// within_block with each element a run of C channels: a row's squares boxed along W (stride C),
+// rows summed, then scaled, all vectorised along the row. The same sums in the same order.
+template <typename A>
+void box_row_channels(int width, const A* padded, A* out, int64_t W, int64_t C) {
+  for (int64_t w = 0; w < W; ++w) {
+    A* o = out + w * C;
+    const A* in = padded + w * C;
+#pragma GCC ivdep
+    for (int64_t c = 0; c < C; ++c) o[c] = A(0) + in[c];
+    for (int j = 1; j < width; ++j) {
+      const A* next = in + j * C;
+#pragma GCC ivdep
+      for (int64_t c = 0; c < C; ++c) o[c] += next[c];
+    }
+  }
+}
+
+template <typename T, typename A>
+void within_block_nhwc(const T* x, T* y, int64_t H, int64_t W, int64_t C, int64_t h0, int64_t h1,
+                       Window rows, Window cols, const SampleParams<A>& p, WithinScratch<T, A>& s) {
+  const int64_t row = W * C;
+  const int64_t r0 = std::max<int64_t>(0, h0 - rows.before);
+  const int64_t r1 = std::min<int64_t>(H, h1 + rows.after);
+  const int width = static_cast<int>(cols.width());
+  for (int64_t h = r0; h < r1; ++h) {
+    const T* xr = x + h * row;
+    A* pr = s.padded.data() + cols.before * C;
+#pragma GCC ivdep
+    for (int64_t i = 0; i < row; ++i) {
+      const A v = to_acc(xr[i]);
+      pr[i] = v * v;
+    }
+    box_row_channels(width, s.padded.data(), s.rowsum.data() + (h - r0) * row, W, C);
+  }
+  for (int64_t h = h0; h < h1; ++h) {
+    const int64_t lo = std::max<int64_t>(0, h - rows.before);
+    const int64_t hi = std::min<int64_t>(H - 1, h + rows.after);
+    const int nrows = static_cast<int>(hi - lo + 1);
+    for (int r = 0; r < nrows; ++r) s.rows[r] = s.rowsum.data() + (lo + r - r0) * row;
+    column_sum<1>(nrows, s.rows.data(), s.total.data(), row);
+    switch (p.power) {
+      case Power::kThreeQuarters:
+        scale_row<Power::kThreeQuarters>(x + h * row, y + h * row, s.total.data(), row, p);
+        break;
+      case Power::kHalf:
+        scale_row<Power::kHalf>(x + h * row, y + h * row, s.total.data(), row, p);
+        break;
+      case Power::kOne:
+        scale_row<Power::kOne>(x + h * row, y + h * row, s.total.data(), row, p);
+        break;
+      case Power::kGeneral:
+        scale_row<Power::kGeneral>(x + h * row, y + h * row, s.total.data(), row, p);
+        break;
+    }
+  }
+}
+
+template <typename T>
+void lrn_within_nhwc(const T* x, T* y, int64_t N, int64_t C, int64_t H, int64_t W, int size,
+                     const double* alpha, const double* beta, const double* k, int threads) {
+  using A = typename Acc<T>::type;
+  const Window rows(size, H), cols(size, W);
+  const int64_t row = W * C;
+  const int64_t block = std::min<int64_t>(H, std::max<int64_t>(8, 65536 / row));
+  const int64_t blocks = (H + block - 1) / block;
+  const int64_t items = N * blocks;
+  const int64_t halo = std::min<int64_t>(H, block + rows.width() - 1);
+  const bool parallel = threads > 1 && items > 1 && N * C * H * W >= 32768;
+#pragma omp parallel num_threads(threads) if (parallel)
+  {
+    WithinScratch<T, A> s;
+    s.padded.assign(static_cast<size_t>((W + cols.width() - 1) * C), A(0));
+    s.rowsum.resize(static_cast<size_t>(halo * row));
+    s.total.resize(static_cast<size_t>(row));
+    s.rows.resize(static_cast<size_t>(std::min<int64_t>(rows.width(), H)));
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t n = item / blocks, b = item % blocks;
+      const auto sp = sample_params<A>(alpha, beta, k, n, static_cast<double>(size) * size);
+      const int64_t h0 = b * block, h1 = std::min(H, h0 + block);
+      within_block_nhwc(x + n * H * row, y + n * H * row, H, W, C, h0, h1, rows, cols, sp, s);
+    }
+  }
+}
+
 template <typename T>
 void run(int mode, bool channels_last, const void* x, void* y, int64_t N, int64_t C, int64_t H,
          int64_t W, int size, const double* alpha, const double* beta, const double* k,
          int threads) {
   const T* xt = static_cast<const T*>(x);
   T* yt = static_cast<T*>(y);
-  if (channels_last)
+  if (channels_last && mode == 0)
     lrn_across_nhwc(xt, yt, N, C, H * W, size, alpha, beta, k, threads);
+  else if (channels_last)
+    lrn_within_nhwc(xt, yt, N, C, H, W, size, alpha, beta, k, threads);
   else if (mode == 0)
     lrn_across(xt, yt, N, C, H * W, size, alpha, beta, k, threads);
   else
@@ -544,17 +632,17 @@ void run(int mode, bool channels_last, const void* x, void* y, int64_t N, int64_
 extern "C" {
 
 // Version of this ABI; the Python loader refuses a library that disagrees.
-int lrnserve_abi_version() { return 3; }
+int lrnserve_abi_version() { return 4; }
 
 // dtype: 0 float32, 1 float64, 2 float16, 3 bfloat16. mode: 0 across, 1 within. layout: 0 NCHW
-// (contiguous), 1 NHWC (channels-last contiguous; across only). x and y share the layout.
+// (contiguous), 1 NHWC (channels-last contiguous). x and y share the layout.
 // alpha/beta/k: one value per sample (N). Returns 0, or a negative error code for arguments the
 // Python side should never have passed.
 int lrnserve_lrn_forward(int dtype, int mode, int layout, const void* x, void* y, int64_t N,
                          int64_t C, int64_t H, int64_t W, int size, const double* alpha,
                          const double* beta, const double* k, int threads) {
   if (N < 0 || C < 0 || H < 0 || W < 0 || size < 1 || (mode != 0 && mode != 1)) return -1;
-  if (layout != 0 && !(layout == 1 && mode == 0)) return -3;
+  if (layout != 0 && layout != 1) return -3;
   if (N == 0 || C == 0 || H == 0 || W == 0) return 0;
   if (threads < 1) threads = 1;
   const bool nhwc = layout == 1;

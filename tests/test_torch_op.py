@@ -96,13 +96,14 @@ def test_op_checks_its_arguments_when_called_directly() -> None:
 
 def test_empty_batch_and_other_layouts() -> None:
     assert OP(torch.randn(0, 3, 4, 4), 3, 1e-4, 0.75, 1.0, "across").shape == (0, 3, 4, 4)
-    x = torch.randn(2, 6, 5, 4).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 6, 5, 4, generator=torch.Generator().manual_seed(6)).to(memory_format=torch.channels_last)
     # The kernel reads and writes channels-last as it is (convolutions produce it), in both modes,
     # with the NCHW input's values.
     for mode in ("across", "within"):
         y = OP(x, 3, 0.1, 0.75, 1.0, mode)
         assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
-        torch.testing.assert_close(y, OP(x.contiguous(), 3, 0.1, 0.75, 1.0, mode), rtol=3e-7, atol=0)
+        # Sums in another order: equal within float32 rounding (a few ulps), not bit for bit.
+        torch.testing.assert_close(y, OP(x.contiguous(), 3, 0.1, 0.75, 1.0, mode), rtol=1e-6, atol=0)
     strided = torch.randn(2, 6, 10, 4)[:, :, ::2]  # neither layout: an NCHW copy, NCHW out
     assert OP(strided, 3, 0.1, 0.75, 1.0, "across").is_contiguous()
 

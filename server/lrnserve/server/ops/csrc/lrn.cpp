@@ -456,6 +456,34 @@ struct WithinScratch {
   std::vector<const A*> rows;
 };
 
+// Output rows [h0, h1) of an H-row plane from the row sums of rows r0 on (``s.rowsum``, ``len``
+// values a row: W, or W * C channels-last): each row's window of row sums added up, then scaled.
+template <typename T, typename A>
+void sum_rows_and_scale(const T* x, T* y, int64_t H, int64_t len, int64_t h0, int64_t h1, int64_t r0,
+                        Window rows, const SampleParams<A>& p, WithinScratch<T, A>& s) {
+  for (int64_t h = h0; h < h1; ++h) {
+    const int64_t lo = std::max<int64_t>(0, h - rows.before);
+    const int64_t hi = std::min<int64_t>(H - 1, h + rows.after);
+    const int nrows = static_cast<int>(hi - lo + 1);
+    for (int r = 0; r < nrows; ++r) s.rows[r] = s.rowsum.data() + (lo + r - r0) * len;
+    column_sum<1>(nrows, s.rows.data(), s.total.data(), len);
+    switch (p.power) {
+      case Power::kThreeQuarters:
+        scale_row<Power::kThreeQuarters>(x + h * len, y + h * len, s.total.data(), len, p);
+        break;
+      case Power::kHalf:
+        scale_row<Power::kHalf>(x + h * len, y + h * len, s.total.data(), len, p);
+        break;
+      case Power::kOne:
+        scale_row<Power::kOne>(x + h * len, y + h * len, s.total.data(), len, p);
+        break;
+      case Power::kGeneral:
+        scale_row<Power::kGeneral>(x + h * len, y + h * len, s.total.data(), len, p);
+        break;
+    }
+  }
+}
+
 // Rows [h0, h1) of one H x W plane.
 template <typename T, typename A>
 void within_block(const T* x, T* y, int64_t H, int64_t W, int64_t h0, int64_t h1, Window rows,
@@ -473,27 +501,7 @@ void within_block(const T* x, T* y, int64_t H, int64_t W, int64_t h0, int64_t h1
     }
     box_row<1>(width, s.padded.data(), s.rowsum.data() + (h - r0) * W, W);
   }
-  for (int64_t h = h0; h < h1; ++h) {
-    const int64_t lo = std::max<int64_t>(0, h - rows.before);
-    const int64_t hi = std::min<int64_t>(H - 1, h + rows.after);
-    const int nrows = static_cast<int>(hi - lo + 1);
-    for (int r = 0; r < nrows; ++r) s.rows[r] = s.rowsum.data() + (lo + r - r0) * W;
-    column_sum<1>(nrows, s.rows.data(), s.total.data(), W);
-    switch (p.power) {
-      case Power::kThreeQuarters:
-        scale_row<Power::kThreeQuarters>(x + h * W, y + h * W, s.total.data(), W, p);
-        break;
-      case Power::kHalf:
-        scale_row<Power::kHalf>(x + h * W, y + h * W, s.total.data(), W, p);
-        break;
-      case Power::kOne:
-        scale_row<Power::kOne>(x + h * W, y + h * W, s.total.data(), W, p);
-        break;
-      case Power::kGeneral:
-        scale_row<Power::kGeneral>(x + h * W, y + h * W, s.total.data(), W, p);
-        break;
-    }
-  }
+  sum_rows_and_scale(x, y, H, W, h0, h1, r0, rows, p, s);
 }
 
 template <typename T>
@@ -560,27 +568,7 @@ void within_block_nhwc(const T* x, T* y, int64_t H, int64_t W, int64_t C, int64_
     }
     box_row_channels(width, s.padded.data(), s.rowsum.data() + (h - r0) * row, W, C);
   }
-  for (int64_t h = h0; h < h1; ++h) {
-    const int64_t lo = std::max<int64_t>(0, h - rows.before);
-    const int64_t hi = std::min<int64_t>(H - 1, h + rows.after);
-    const int nrows = static_cast<int>(hi - lo + 1);
-    for (int r = 0; r < nrows; ++r) s.rows[r] = s.rowsum.data() + (lo + r - r0) * row;
-    column_sum<1>(nrows, s.rows.data(), s.total.data(), row);
-    switch (p.power) {
-      case Power::kThreeQuarters:
-        scale_row<Power::kThreeQuarters>(x + h * row, y + h * row, s.total.data(), row, p);
-        break;
-      case Power::kHalf:
-        scale_row<Power::kHalf>(x + h * row, y + h * row, s.total.data(), row, p);
-        break;
-      case Power::kOne:
-        scale_row<Power::kOne>(x + h * row, y + h * row, s.total.data(), row, p);
-        break;
-      case Power::kGeneral:
-        scale_row<Power::kGeneral>(x + h * row, y + h * row, s.total.data(), row, p);
-        break;
-    }
-  }
+  sum_rows_and_scale(x, y, H, row, h0, h1, r0, rows, p, s);
 }
 
 template <typename T>

@@ -62,6 +62,8 @@ import numpy as np
 import torch
 from mlserver_baseline.server import mlserver
 
+from lrnserve.client._same_host import answer_bytes
+from lrnserve.client._types import ModelMetadata
 from lrnserve.client.allocator import DEFAULT_CACHE_BYTES, keep_freed_memory
 from lrnserve.client.loadgen import LoadResult, run_load
 from lrnserve.client.pb import grpc_predict_v2_pb2 as pb
@@ -220,9 +222,8 @@ def shared_memory_requests(target: str, case: Case, callers: int) -> Iterator[li
         client = pb_grpc.GRPCInferenceServiceStub(channel)
         metadata = client.ModelMetadata(pb.ModelMetadataRequest(name=case.model), timeout=10)
         output_name = metadata.outputs[0].name
-        out_bytes = 4 * math.prod(
-            case.shape if case.model == "lrn" else (case.shape[0], *metadata.outputs[0].shape[1:])
-        )
+        # The SDK's same-host mode sizes its answer region this way too.
+        out_bytes = answer_bytes(ModelMetadata.from_proto(metadata), case.shape, "FP32")
         segments: list[posix.SharedMemory] = []
         try:
             requests = []

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -384,7 +385,7 @@ def test_cuda_matches_reference(mode: str, dtype: torch.dtype) -> None:
     assert_close(y, expected, rtol=rtol)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 16])
 @pytest.mark.parametrize(("inner", "outer"), [(9216, 37), (1, 1), (33, 4), (100, 1001)])
 @pytest.mark.parametrize("relu", [False, True])
 def test_linear_kernel_matches_float64(rows: int, inner: int, outer: int, relu: bool) -> None:
@@ -404,6 +405,26 @@ def test_linear_kernel_matches_float64(rows: int, inner: int, outer: int, relu: 
         assert got.shape == (rows, outer) and got.dtype == torch.float32
         scale = max(float(np.abs(expected).max()), 1e-30)
         np.testing.assert_allclose(got.double().numpy() / scale, expected / scale, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("target", ["x86-64-v3", None])
+def test_linear_kernel_other_builds(target: str | None, tmp_path: Path) -> None:
+    # The loaded build is this CPU's best level; the AVX2 and compiler-default builds tile
+    # differently (8 lanes, two samples per tile), so they are built and checked here too.
+    if target is not None and (native.isa_level() or "") < target:
+        pytest.skip(f"this CPU does not run {target} code")
+    path = tmp_path / "kernel.so"
+    native._compile(target, path)
+    kernel = native._open(path)
+    gen = torch.Generator().manual_seed(5)
+    for rows, inner, outer in [(1, 9216, 9), (3, 100, 1001), (5, 33, 4), (16, 4096, 7)]:
+        x = torch.randn(rows, inner, generator=gen)
+        weight = torch.randn(outer, inner, generator=gen) / inner**0.5
+        bias = torch.randn(outer, generator=gen)
+        expected = x.double().numpy() @ weight.double().numpy().T + bias.double().numpy()
+        got = kernel.linear(x, weight, bias, False).double().numpy()
+        scale = float(np.abs(expected).max())
+        np.testing.assert_allclose(got / scale, expected / scale, rtol=0, atol=2e-6)
 
 
 def test_linear_kernel_relu_keeps_nan() -> None:

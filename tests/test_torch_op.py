@@ -79,6 +79,45 @@ def test_networks_call_the_op() -> None:
     assert len(calls) == 2  # cifar10_full has two LRN layers
 
 
+@pytest.mark.parametrize("mode", ["across", "within"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_module_direct_call_matches_the_op(mode: str, channels_last: bool) -> None:
+    # LocalResponseNorm calls the op's CPU kernel without the dispatcher when nothing watches:
+    # the same kernel, so the same bits and the same output layout.
+    x = torch.randn(2, 9, 6, 7, generator=torch.Generator().manual_seed(11)) * 4
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    layer = LocalResponseNorm(5, 2e-2, 0.75, 1.5, mode)
+    with torch.inference_mode():
+        got, want = layer(x), OP(x, 5, 2e-2, 0.75, 1.5, mode)
+    assert torch.equal(got, want)
+    assert got.is_contiguous(memory_format=torch.channels_last) == want.is_contiguous(memory_format=torch.channels_last)
+
+
+class _RecordingMode(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[Any] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.ops.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+def test_module_goes_through_the_dispatcher_when_watched() -> None:
+    layer = LocalResponseNorm(3, 1e-3, 0.75, 1.0)
+    x = torch.randn(1, 4, 5, 5)
+    recording = _RecordingMode()
+    with recording:
+        layer(x)
+    assert OP in recording.ops  # a dispatch mode sees the op
+    needs_grad = x.clone().requires_grad_(True)
+    assert layer(needs_grad).grad_fn is not None  # autograd records it
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        layer(x)
+    assert any(e.name == "lrnserve::local_response_norm" for e in prof.events())
+
+
 def test_op_checks_its_arguments_when_called_directly() -> None:
     x = torch.randn(1, 3, 4, 4)
     for args, named in [

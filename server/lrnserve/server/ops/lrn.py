@@ -20,7 +20,7 @@ from torch import nn
 from . import native, triton_lrn
 from .composed import local_response_norm_composed
 from .params import ALPHA, BETA, Bound, K, LRNParams, Mode, check_mode, check_size
-from .torch_op import check_input, lrn_overload
+from .torch_op import check_input, cpu_forward, direct_call_unobserved, lrn_overload
 
 PerSample = float | Sequence[float] | torch.Tensor
 
@@ -146,7 +146,10 @@ class LocalResponseNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.params  # validated when the module was made; the op checks them again
-        return lrn_overload(check_input(x), p.size, p.alpha, p.beta, p.k, p.mode)  # type: ignore[no-any-return]
+        x = check_input(x)
+        if direct_call_unobserved(x):  # the op's CPU kernel, skipping the dispatcher's round trip
+            return cpu_forward(x, p.size, p.alpha, p.beta, p.k, p.mode)
+        return lrn_overload(x, p.size, p.alpha, p.beta, p.k, p.mode)  # type: ignore[no-any-return]
 
     def extra_repr(self) -> str:
         p = self.params

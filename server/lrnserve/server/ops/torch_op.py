@@ -128,7 +128,29 @@ def _cuda(x: torch.Tensor, size: int, alpha: float, beta: float, k: float, mode:
 
 @local_response_norm_op.register_kernel("cpu")
 def _cpu(x: torch.Tensor, size: int, alpha: float, beta: float, k: float, mode: str) -> torch.Tensor:
-    checked = _check(x, size, alpha, beta, k, mode)
+    return cpu_forward(x, size, alpha, beta, k, _check(x, size, alpha, beta, k, mode))
+
+
+def direct_call_unobserved(x: torch.Tensor) -> bool:
+    """Whether calling ``cpu_forward`` in place of the op is invisible to everything that watches
+    the dispatcher: a plain CPU tensor, no autograd graph to record, and no jit trace,
+    torch.compile or export, dispatch or function mode, or profiler active. Going through the
+    dispatcher to the op's Python kernel costs about 12 us a call (2-core CI machine), as much as
+    the kernel itself on cifar10_full's [1, 32, 16, 16] activations; the checks here cost 1 us."""
+    return (
+        not torch.compiler.is_compiling()  # first: dynamo reads it as True and traces no further
+        and type(x) is torch.Tensor
+        and x.device.type == "cpu"
+        and not (x.requires_grad and torch.is_grad_enabled())
+        and not torch._C._len_torch_dispatch_stack()
+        and not torch._C._is_torch_function_mode_enabled()
+        and torch._C._get_tracing_state() is None
+        and not torch._C._autograd._profiler_enabled()
+    )
+
+
+def cpu_forward(x: torch.Tensor, size: int, alpha: float, beta: float, k: float, checked: Mode) -> torch.Tensor:
+    """The op's CPU kernel on arguments already checked (``_check``)."""
     layout = output_format(x, checked)
     if x.numel() == 0:
         return torch.empty_like(x, memory_format=layout)

@@ -290,3 +290,46 @@ def test_an_imported_graph_is_prepacked_with_the_same_outputs(kind: str, tmp_pat
         assert _spread_error(servable.run((), x, {}), reference(x)) < 1e-4
     # The ONNX file writes within-channel LRN as standard ops (ONNX's LRN is across only).
     assert len(servable.network.lrn_layers()) == (2 if kind == "caffe" else 0)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 9, 11), (1, 17, 7, 7), (3, 32, 8, 8), (1, 96, 13, 13), (2, 3, 6, 5)])
+@pytest.mark.parametrize(
+    ("kernel", "stride", "padding"),
+    [(3, 2, 0), (3, 1, 1), (2, 2, 0), (3, 3, 1), (5, 2, 2), ((3, 2), (2, 1), (1, 0))],
+)
+@pytest.mark.parametrize("ceil_mode", [False, True])
+def test_max_pool2d_is_torch_max_pool_in_either_layout(
+    shape: tuple[int, int, int, int],
+    kernel: int | tuple[int, int],
+    stride: int | tuple[int, int],
+    padding: int | tuple[int, int],
+    ceil_mode: bool,
+) -> None:
+    """The engine's max pool (oneDNN for NCHW, lrnserve's NHWC kernel for channels-last) against
+    F.max_pool2d: a max is exact, so the same bits, -inf included, and the same layout; NaN in a
+    window gives NaN on the channels-last path, as in torch (oneDNN's NCHW path skips it)."""
+    from lrnserve.server.models.base import max_pool2d
+    from lrnserve.server.ops import native
+
+    kernel_lib = native.kernel()
+    assert kernel_lib is not None, native.unavailable_reason()
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(*shape, generator=gen)
+    flat = x.view(-1)
+    flat[torch.randint(0, flat.numel(), (3,), generator=gen)] = float("-inf")
+    with_nan = x.clone()
+    with_nan.view(-1)[torch.randint(0, flat.numel(), (3,), generator=gen)] = float("nan")
+    for layout, given in ((torch.contiguous_format, x), (torch.channels_last, with_nan)):
+        given = given.contiguous(memory_format=layout)
+        want = torch.nn.functional.max_pool2d(given, kernel, stride, padding, ceil_mode=ceil_mode)
+        got = max_pool2d(given, kernel, stride, padding, ceil_mode)
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+        assert got.is_contiguous(memory_format=layout)
+    nhwc = with_nan.contiguous(memory_format=torch.channels_last)
+    want = torch.nn.functional.max_pool2d(nhwc, kernel, stride, padding, ceil_mode=ceil_mode)
+    direct = kernel_lib.max_pool_nhwc(nhwc, _pair(kernel), _pair(stride), _pair(padding), tuple(want.shape[2:]))
+    torch.testing.assert_close(direct, want, rtol=0, atol=0, equal_nan=True)
+
+
+def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else value

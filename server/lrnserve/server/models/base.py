@@ -110,6 +110,19 @@ class CpuLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, attr={self.attr}"
 
 
+def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[-1]))
+
+
+def pool_output_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> int:
+    """torch's pooling output size (dilation 1): in ceil mode the last window must start inside
+    the input or its left padding."""
+    out = (size + 2 * padding - kernel + (stride - 1 if ceil_mode else 0)) // stride + 1
+    if ceil_mode and (out - 1) * stride >= size + padding:
+        out -= 1
+    return out
+
+
 def max_pool2d(
     x: torch.Tensor,
     kernel: int | tuple[int, int],
@@ -118,27 +131,35 @@ def max_pool2d(
     ceil_mode: bool = False,
 ) -> torch.Tensor:
     """F.max_pool2d, fast for float32 CPU inference in either layout. A channels-last input (what
-    oneDNN's convolutions and the LRN kernel after them produce) goes to torch's NHWC kernel; an
-    NCHW one through oneDNN, as torch's own NCHW max pooling is 4-17x slower (bench, 2 threads,
-    3x3: [1, 64, 112, 112] 3.3 vs 0.29 ms, [1, 96, 55, 55] 1.0 vs 0.13 ms, [8, 256, 28, 28] 25 vs
-    5.9 ms, [32, 96, 55, 55] 40 vs 24 ms, conversions included), while converting NCHW to NHWC
-    for the NHWC kernel took 1.35-2.8x oneDNN's time ([1, 64, 112, 112], [1, 96, 55, 55],
-    [8, 96, 55, 55], [32, 96, 55, 55], [32, 256, 27, 27]; only [1, 256, 13, 13] was faster). NHWC in
-    through oneDNN was slower still: the NHWC kernel took 59 vs 299 us at [1, 96, 55, 55] and
-    2.9 vs 35 ms at [32, 96, 55, 55]. The same windows and output sizes, and a max is exact:
-    results are identical."""
+    oneDNN's convolutions and the LRN kernel after them produce) goes to lrnserve's NHWC kernel
+    (``csrc/pool.cpp``; 2 threads, 3x3 stride 2 ceil mode, against torch's NHWC kernel:
+    [1, 32, 32, 32] 11 vs 12-13 us, [8, 32, 32, 32] 32 vs 73-78 us, [1, 96, 55, 55] 35 vs 55 us,
+    [8, 96, 55, 55] 207-264 vs 446-480 us, [32, 96, 55, 55] 2.0-2.3 vs 2.4-2.5 ms; GoogLeNet's 3x3
+    stride 1 pad 1 at [8, 192, 28, 28] 0.40-0.43 vs 1.0-1.7 ms), or torch's NHWC kernel without
+    it; an NCHW one through oneDNN, as torch's own NCHW max pooling is 4-17x slower
+    (bench, 2 threads, 3x3: [1, 64, 112, 112] 3.3 vs 0.29 ms, [1, 96, 55, 55] 1.0 vs 0.13 ms,
+    [8, 256, 28, 28] 25 vs 5.9 ms, [32, 96, 55, 55] 40 vs 24 ms, conversions included), while
+    converting NCHW to NHWC for the NHWC kernel took 1.35-2.8x oneDNN's time ([1, 64, 112, 112],
+    [1, 96, 55, 55], [8, 96, 55, 55], [32, 96, 55, 55], [32, 256, 27, 27]; only [1, 256, 13, 13] was
+    faster). NHWC in through oneDNN was slower still: torch's NHWC kernel took 59 vs 299 us at
+    [1, 96, 55, 55] and 2.9 vs 35 ms at [32, 96, 55, 55]. The same windows and output sizes, and a
+    max is exact: results are identical, except that a NaN in a window gives NaN on the
+    channels-last path (as F.max_pool2d) and is skipped by oneDNN's NCHW pool (as Caffe's)."""
     eager = not torch.compiler.is_compiling()  # compile and export trace F.max_pool2d (oneDNN's has no fake impl)
-    if (
-        eager
-        and x.dtype == torch.float32
-        and x.device.type == "cpu"
-        and not x.requires_grad
-        and x.dim() == 4
-        and x.numel()
-        and not channels_last(x)
-    ):
-        dense = torch.mkldnn_max_pool2d(x.contiguous().to_mkldnn(), kernel, stride, padding, 1, ceil_mode).to_dense()
-        return dense
+    if eager and x.dtype == torch.float32 and x.device.type == "cpu" and not x.requires_grad and x.dim() == 4:
+        if not channels_last(x):
+            if x.numel():
+                pooled = torch.mkldnn_max_pool2d(x.contiguous().to_mkldnn(), kernel, stride, padding, 1, ceil_mode)
+                return pooled.to_dense()
+        elif (native_kernel := native.kernel()) is not None:
+            kh, kw = _pair(kernel)
+            sh, sw = (kh, kw) if stride is None or (not isinstance(stride, int) and not stride) else _pair(stride)
+            ph, pw = _pair(padding)
+            if 2 * ph <= kh and 2 * pw <= kw and min(sh, sw) >= 1:  # else torch raises its own error
+                out_h = pool_output_size(x.shape[2], kh, sh, ph, ceil_mode)
+                out_w = pool_output_size(x.shape[3], kw, sw, pw, ceil_mode)
+                if out_h > 0 and out_w > 0:
+                    return native_kernel.max_pool_nhwc(x, (kh, kw), (sh, sw), (ph, pw), (out_h, out_w))
     return F.max_pool2d(x, kernel, stride, padding, ceil_mode=ceil_mode)
 
 

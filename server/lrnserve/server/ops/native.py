@@ -1,5 +1,6 @@
-"""Build, cache and call the fused C++ LRN kernel (``csrc/lrn.cpp``), and the few-row fully
-connected kernel beside it in the same library (``csrc/linear.cpp``).
+"""Build, cache and call the fused C++ LRN kernel (``csrc/lrn.cpp``), and the small-batch fully
+connected kernel and the channels-last max pool beside it in the same library (``csrc/linear.cpp``,
+``csrc/pool.cpp``).
 
 The kernel is a plain C ABI library compiled with the system C++ compiler the
 first time it is needed and cached on disk, keyed by its source, flags and the
@@ -30,8 +31,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-ABI_VERSION = 4
-SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("lrn.cpp", "linear.cpp"))
+ABI_VERSION = 5
+SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("lrn.cpp", "linear.cpp", "pool.cpp"))
 _BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno")
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 _MODE_CODES = {"across": 0, "within": 1}
@@ -78,6 +79,11 @@ class NativeKernel:
         self._linear = library.lrnserve_linear_forward
         self._linear.restype = ctypes.c_int
         self._linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
+        self._max_pool = library.lrnserve_max_pool_nhwc
+        self._max_pool_holding = ctypes.PyDLL(str(path)).lrnserve_max_pool_nhwc
+        for fn in (self._max_pool, self._max_pool_holding):
+            fn.restype = ctypes.c_int
+            fn.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 6 + [ctypes.c_int] * 7
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, relu: bool) -> torch.Tensor:
         """``x @ weight.T + bias`` (then ReLU), for x [M, K] with a few rows M; float32, contiguous
@@ -91,6 +97,20 @@ class NativeKernel:
         )  # fmt: skip
         if rc != 0:
             raise RuntimeError(f"native linear kernel rejected its arguments (code {rc})")
+        return out
+
+    def max_pool_nhwc(
+        self, x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+        output: tuple[int, int],
+    ) -> torch.Tensor:  # fmt: skip
+        """Max pooling of x, a channels-last float32 CPU tensor [N, C, H, W], into a new
+        channels-last tensor of spatial size ``output`` (computed by the caller as torch does)."""
+        n, c, h, w = x.shape
+        out = torch.empty(n, c, *output, dtype=torch.float32, memory_format=torch.channels_last)
+        fn = self._max_pool_holding if x.numel() <= HOLD_GIL_ELEMENTS else self._max_pool
+        rc = fn(x.data_ptr(), out.data_ptr(), n, c, h, w, *output, *kernel, *stride, *padding, torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError(f"native max pool kernel rejected its arguments (code {rc})")
         return out
 
     def forward(

@@ -1,13 +1,13 @@
 """Where a served request's time goes: py-spy samples the server under closed-loop load.
 
 Starts ``lrnserve serve`` as bench/serve.py does (batching server, lrn and alexnet models), drives
-it with lrnserve's load generator (ModelInfer calls, ``--concurrency`` in flight, ``--shape`` FP32
-inputs to the ``lrn`` model) and meanwhile records the server with py-spy for ``--seconds``
+it with lrnserve's load generator (ModelInfer calls, or one ModelStreamInfer stream with
+``--stream``; ``--concurrency`` in flight, ``--shape`` FP32 inputs to the ``lrn`` model) and meanwhile records the server with py-spy for ``--seconds``
 (``--gil``: only the thread holding the GIL, i.e. the Python work that serialises the server).
 Prints the functions with the most samples, by own time and by time including callees, as
 percentages of all samples, plus the load's throughput during the recording.
 
-    python bench/profile_serve.py [--shape 1,16,8,8] [--concurrency 16] [--seconds 10] [--rate 200]
+    python bench/profile_serve.py [--shape 1,16,8,8] [--concurrency 16] [--stream] [--seconds 10] [--rate 200]
         [--py-spy PATH] [--top 25] [--raw out.txt]
 
 py-spy is not a dependency of lrnserve: ``pip install py-spy`` (it needs ptrace rights over the
@@ -55,6 +55,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="1,16,8,8")
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--stream", action="store_true", help="the load over one ModelStreamInfer stream")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     parser.add_argument("--py-spy", default=shutil.which("py-spy"), help="the py-spy executable")
@@ -79,7 +80,9 @@ def main() -> None:
 
         load = threading.Thread(
             target=lambda: box.update(
-                result=run_load(target, request, args.concurrency, total - 1.0, warmup=1.0, progress=progress)
+                result=run_load(
+                    target, request, args.concurrency, total - 1.0, warmup=1.0, progress=progress, stream=args.stream
+                )
             )
         )
         load.start()

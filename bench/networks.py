@@ -6,7 +6,8 @@ times each engine once, in rotating order; medians of ``--reps``):
 
 - ``lrnserve``: ``NetworkServable`` loaded as the server loads it and called as the executor
   calls it (``servable.run`` on an instance thread set up like ``Executor._serve``: grad off,
-  its own intra-op thread count);
+  its own intra-op thread count), in a process whose C heap is set up as the server's
+  (``allocator_cache_bytes``, ``allocator_arenas``; every engine shares it);
 - ``onnxruntime``: the same network as ONNX with ORT's own LRN (``intra_op_num_threads`` the
   same, ``inter_op_num_threads`` 1, sequential execution, all graph optimizations). A built-in's
   file is its BVLC prototxt read with the built-in's weights (written as a caffemodel) and
@@ -56,13 +57,14 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+from lrnserve.client.allocator import keep_freed_memory, limit_arenas
 from lrnserve.server.importers import read_caffe, read_onnx
 from lrnserve.server.importers.export_onnx import export
 from lrnserve.server.models import LRNNetwork, create_network
 from lrnserve.server.models.runtime import GraphNetwork
 from lrnserve.server.ops import LocalResponseNorm, LRNParams
 from lrnserve.server.servables import NetworkServable
-from lrnserve.server.settings import ModelConfig
+from lrnserve.server.settings import ModelConfig, ServerSettings
 
 # The BVLC deploy prototxts: the shared model folder, else the copies the tests carry.
 CAFFE_DIRS = (Path("/work/shared/models/caffe"), Path(__file__).resolve().parent.parent / "tests" / "data" / "caffe")
@@ -487,6 +489,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    # The C heap as `lrnserve serve` sets up its own (allocator_cache_bytes, allocator_arenas), for
+    # every engine of this process alike: freed activations are reused, not page-faulted anew.
+    keep_freed_memory(ServerSettings().allocator_cache_bytes)
+    limit_arenas(ServerSettings().allocator_arenas)
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     per_instance = max(1, threads // args.instances)

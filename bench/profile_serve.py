@@ -2,8 +2,9 @@
 
 Starts ``lrnserve serve`` as bench/serve.py does (batching server, lrn and alexnet models), drives
 it with lrnserve's load generator (ModelInfer calls, or one ModelStreamInfer stream with
-``--stream``; ``--concurrency`` in flight, ``--shape`` FP32 inputs to the ``lrn`` model) and meanwhile records the server with py-spy for ``--seconds``
-(``--gil``: only the thread holding the GIL, i.e. the Python work that serialises the server).
+``--stream``; ``--concurrency`` in flight, ``--shape`` FP32 inputs to the ``lrn`` model) and
+meanwhile records the server with py-spy for ``--seconds`` (``--gil``: only the thread holding
+the GIL, i.e. the Python work that serialises the server).
 Prints the functions with the most samples, by own time and by time including callees, as
 percentages of all samples, plus the load's throughput during the recording.
 

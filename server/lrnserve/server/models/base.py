@@ -86,16 +86,17 @@ SMALL_ROWS = 16  # CpuLinear: at most this many rows through the streaming kerne
 class CpuLinear(nn.Module):
     """A float32 CPU Linear (and the ReLU after it, fused), by the number of rows. Up to
     ``SMALL_ROWS`` rows: lrnserve's streaming kernel (``ops.native``, ``csrc/linear.cpp``), which
-    reads each weight from memory once and applies it to every row in register tiles; more rows:
-    oneDNN's linear. AlexNet's fc6 (9216 -> 4096, 151 MB), 2 threads, against oneDNN on the same
-    row-major weights: 4.3 vs 5.0 ms at 1 row, 4.5 vs 6.8 at 2, 5.7 vs 6.6 at 4, 6.0-6.2 vs
-    7.7-7.9 at 8, 9.1 vs 10.4 at 16, 16.5 vs 15.6 at 32 (fc7, 4096 -> 4096: 1.0-1.7x up to 16
-    rows, even at 32). MKL's sgemm behind F.linear ran fc6 4-5x slower at batch 8 and 32 on this
-    AMD EPYC (63 vs 14 ms, 92 vs 24 ms). Both read one row-major copy of the weights: oneDNN's
-    prepacked layout was within 15 % of it at 8 rows and 2 % at 32 (7.9 vs 9.1 ms, 16.8 vs
-    17.0 ms), slower than the streaming kernel up to 16 rows, and a second copy would double the
-    classifier's memory. Outputs agree within float32 rounding (the kernels sum in different
-    orders)."""
+    reads each weight from memory once and applies it to every row in register tiles (6 weight
+    rows by 4 samples with AVX-512); more rows: oneDNN's linear. AlexNet's fc6 (9216 -> 4096,
+    151 MB), 2 threads, against oneDNN on the same row-major weights, two runs: 4.3 vs 4.9 ms at
+    1 row, 4.2 vs 6.2 at 2, 4.6 vs 6.7 at 4, 5.9 vs 7.6 at 8, 8.4-9.1 vs 10.1-10.7 at 16, 16.0 vs
+    16.0 at 32 (fc7, 4096 -> 4096: 1.2-1.6x up to 16 rows, 1.1x at 32); tiles of 4 by 4 took
+    4.8 / 6.4 / 9.3 ms at 1 / 8 / 16 rows in the same run. MKL's sgemm behind F.linear ran fc6
+    4-5x slower at batch 8 and 32 on this AMD EPYC (63 vs 14 ms, 92 vs 24 ms). Both read one
+    row-major copy of the weights: oneDNN's prepacked layout was within 15 % of it at 8 rows and
+    2 % at 32 (7.9 vs 9.1 ms, 16.8 vs 17.0 ms), slower than the streaming kernel up to 16 rows,
+    and a second copy would double the classifier's memory. Outputs agree within float32
+    rounding (the kernels sum in different orders)."""
 
     def __init__(self, linear: nn.Linear, relu: bool) -> None:
         super().__init__()

@@ -20,12 +20,13 @@ namespace {
 
 #if defined(__AVX512F__)
 constexpr int kLanes = 16;
-constexpr int kTileSamples = 4;  // 4 x 4 accumulators + 4 weight vectors: 21 of 32 registers
+constexpr int kTileRows = 6;
+constexpr int kTileSamples = 4;  // 6 x 4 accumulators + 6 weight vectors + x: 31 of 32 registers
 #else
 constexpr int kLanes = 8;
-constexpr int kTileSamples = 2;  // 4 x 2 accumulators + 4 weight vectors: 13 of 16 registers
-#endif
 constexpr int kTileRows = 4;
+constexpr int kTileSamples = 2;  // 4 x 2 accumulators + 4 weight vectors + x: 13 of 16 registers
+#endif
 
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 

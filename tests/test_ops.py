@@ -427,6 +427,16 @@ def test_linear_kernel_other_builds(target: str | None, tmp_path: Path) -> None:
         np.testing.assert_allclose(got / scale, expected / scale, rtol=0, atol=2e-6)
 
 
+def test_a_changed_header_is_a_new_library(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The kernels include csrc/simd.h: a cached library built from another version of it must
+    # not be loaded, so the header is part of the library's name (its cache key).
+    before = native._library_path(None)
+    header = tmp_path / "simd.h"
+    header.write_bytes(native.HEADERS[0].read_bytes() + b"\n// changed\n")
+    monkeypatch.setattr(native, "HEADERS", (header,))
+    assert native._library_path(None) != before
+
+
 def test_linear_kernel_relu_keeps_nan() -> None:
     kernel = native.kernel()
     assert kernel is not None

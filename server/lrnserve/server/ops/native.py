@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 ABI_VERSION = 5
 SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("lrn.cpp", "linear.cpp", "pool.cpp"))
+HEADERS = (Path(__file__).with_name("csrc") / "simd.h",)  # not compiled alone; part of the cache key
 _BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno")
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 _MODE_CODES = {"across": 0, "within": 1}
@@ -205,7 +206,7 @@ def _flags(target: str | None) -> list[str]:
 
 def _library_path(target: str | None) -> Path:
     digest = hashlib.sha256()
-    for source in SOURCES:
+    for source in (*SOURCES, *HEADERS):
         digest.update(source.read_bytes())
     digest.update(" ".join(_flags(target)).encode())
     digest.update(platform.machine().encode())

@@ -10,7 +10,8 @@
 // different order than oneDNN's: float32 rounding).
 
 #include <cstdint>
-#include <cstring>
+
+#include "simd.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -18,23 +19,17 @@
 
 namespace {
 
+using lrnserve::kLanes;
+using lrnserve::load;
+using lrnserve::Vec;
+
 #if defined(__AVX512F__)
-constexpr int kLanes = 16;
 constexpr int kTileRows = 6;
 constexpr int kTileSamples = 4;  // 6 x 4 accumulators + 6 weight vectors + x: 31 of 32 registers
 #else
-constexpr int kLanes = 8;
 constexpr int kTileRows = 4;
 constexpr int kTileSamples = 2;  // 4 x 2 accumulators + 4 weight vectors + x: 13 of 16 registers
 #endif
-
-typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
-
-inline Vec load(const float* p) {
-  Vec v;
-  std::memcpy(&v, p, sizeof v);  // unaligned load
-  return v;
-}
 
 inline float horizontal_sum(Vec v) {
   float s = 0.0f;

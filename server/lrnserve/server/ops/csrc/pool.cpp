@@ -10,24 +10,17 @@
 #include <cstring>
 #include <limits>
 
+#include "simd.h"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
 namespace {
 
-#if defined(__AVX512F__)
-constexpr int kLanes = 16;
-#else
-constexpr int kLanes = 8;
-#endif
-typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
-
-inline Vec load(const float* p) {
-  Vec v;
-  std::memcpy(&v, p, sizeof v);  // unaligned load
-  return v;
-}
+using lrnserve::kLanes;
+using lrnserve::load;
+using lrnserve::Vec;
 
 }  // namespace
 

@@ -484,58 +484,8 @@ void sum_rows_and_scale(const T* x, T* y, int64_t H, int64_t len, int64_t h0, in
   }
 }
 
-// Rows [h0, h1) of one H x W plane.
-template <typename T, typename A>
-void within_block(const T* x, T* y, int64_t H, int64_t W, int64_t h0, int64_t h1, Window rows,
-                  Window cols, const SampleParams<A>& p, WithinScratch<T, A>& s) {
-  const int64_t r0 = std::max<int64_t>(0, h0 - rows.before);
-  const int64_t r1 = std::min<int64_t>(H, h1 + rows.after);
-  const int width = static_cast<int>(cols.width());
-  for (int64_t h = r0; h < r1; ++h) {
-    const T* xr = x + h * W;
-    A* pr = s.padded.data() + cols.before;
-#pragma GCC ivdep
-    for (int64_t w = 0; w < W; ++w) {
-      const A v = to_acc(xr[w]);
-      pr[w] = v * v;
-    }
-    box_row<1>(width, s.padded.data(), s.rowsum.data() + (h - r0) * W, W);
-  }
-  sum_rows_and_scale(x, y, H, W, h0, h1, r0, rows, p, s);
-}
-
-template <typename T>
-void lrn_within(const T* x, T* y, int64_t N, int64_t C, int64_t H, int64_t W, int size,
-                const double* alpha, const double* beta, const double* k, int threads) {
-  using A = typename Acc<T>::type;
-  const Window rows(size, H), cols(size, W);
-  // Row blocks bound the scratch to ~256 KiB (L2) for large planes.
-  const int64_t block = std::min<int64_t>(H, std::max<int64_t>(8, 65536 / W));
-  const int64_t blocks = (H + block - 1) / block;
-  const int64_t items = N * C * blocks;
-  const int64_t halo = std::min<int64_t>(H, block + rows.width() - 1);
-  const bool parallel = threads > 1 && items > 1 && N * C * H * W >= 32768;
-#pragma omp parallel num_threads(threads) if (parallel)
-  {
-    WithinScratch<T, A> s;
-    s.padded.assign(static_cast<size_t>(W + cols.width() - 1), A(0));
-    s.rowsum.resize(static_cast<size_t>(halo * W));
-    s.total.resize(static_cast<size_t>(W));
-    s.rows.resize(static_cast<size_t>(std::min<int64_t>(rows.width(), H)));
-#pragma omp for schedule(static)
-    for (int64_t item = 0; item < items; ++item) {
-      const int64_t plane = item / blocks, b = item % blocks;
-      const int64_t n = plane / C;
-      const auto sp = sample_params<A>(alpha, beta, k, n, static_cast<double>(size) * size);
-      const int64_t h0 = b * block, h1 = std::min(H, h0 + block);
-      within_block(x + plane * H * W, y + plane * H * W, H, W, h0, h1, rows, cols, sp, s);
-    }
-  }
-}
-
-// Channels-last (NHWC), within channel: a row of W pixels is W * C contiguous values, so this is
-// within_block with each element a run of C channels: a row's squares boxed along W (stride C),
-// rows summed, then scaled, all vectorised along the row. The same sums in the same order.
+// Channels-last (NHWC): a row of W pixels is W * C contiguous values, each a run of C channels;
+// a row's squares are boxed along W with stride C, vectorised along the channels.
 template <typename A>
 void box_row_channels(int width, const A* padded, A* out, int64_t W, int64_t C) {
   for (int64_t w = 0; w < W; ++w) {
@@ -551,50 +501,62 @@ void box_row_channels(int width, const A* padded, A* out, int64_t W, int64_t C) 
   }
 }
 
+// Rows [h0, h1) of one plane of H rows of W pixels, each pixel ``lanes`` values: 1 for an NCHW
+// plane (one channel), C for an NHWC sample (every channel at once, the same sums in the same
+// order).
 template <typename T, typename A>
-void within_block_nhwc(const T* x, T* y, int64_t H, int64_t W, int64_t C, int64_t h0, int64_t h1,
-                       Window rows, Window cols, const SampleParams<A>& p, WithinScratch<T, A>& s) {
-  const int64_t row = W * C;
+void within_block(const T* x, T* y, int64_t H, int64_t W, int64_t lanes, int64_t h0, int64_t h1,
+                  Window rows, Window cols, const SampleParams<A>& p, WithinScratch<T, A>& s) {
+  const int64_t len = W * lanes;
   const int64_t r0 = std::max<int64_t>(0, h0 - rows.before);
   const int64_t r1 = std::min<int64_t>(H, h1 + rows.after);
   const int width = static_cast<int>(cols.width());
   for (int64_t h = r0; h < r1; ++h) {
-    const T* xr = x + h * row;
-    A* pr = s.padded.data() + cols.before * C;
+    const T* xr = x + h * len;
+    A* pr = s.padded.data() + cols.before * lanes;
 #pragma GCC ivdep
-    for (int64_t i = 0; i < row; ++i) {
+    for (int64_t i = 0; i < len; ++i) {
       const A v = to_acc(xr[i]);
       pr[i] = v * v;
     }
-    box_row_channels(width, s.padded.data(), s.rowsum.data() + (h - r0) * row, W, C);
+    A* out = s.rowsum.data() + (h - r0) * len;
+    if (lanes == 1)
+      box_row<1>(width, s.padded.data(), out, W);
+    else
+      box_row_channels(width, s.padded.data(), out, W, lanes);
   }
-  sum_rows_and_scale(x, y, H, row, h0, h1, r0, rows, p, s);
+  sum_rows_and_scale(x, y, H, len, h0, h1, r0, rows, p, s);
 }
 
+// NCHW: N * C planes of single values; channels-last: N planes of C-value pixels.
 template <typename T>
-void lrn_within_nhwc(const T* x, T* y, int64_t N, int64_t C, int64_t H, int64_t W, int size,
-                     const double* alpha, const double* beta, const double* k, int threads) {
+void lrn_within(const T* x, T* y, int64_t N, int64_t C, int64_t H, int64_t W, bool channels_last,
+                int size, const double* alpha, const double* beta, const double* k, int threads) {
   using A = typename Acc<T>::type;
   const Window rows(size, H), cols(size, W);
-  const int64_t row = W * C;
-  const int64_t block = std::min<int64_t>(H, std::max<int64_t>(8, 65536 / row));
+  const int64_t lanes = channels_last ? C : 1;
+  const int64_t planes_per_sample = channels_last ? 1 : C;
+  const int64_t len = W * lanes;
+  // Row blocks bound the scratch to ~256 KiB (L2) for large planes.
+  const int64_t block = std::min<int64_t>(H, std::max<int64_t>(8, 65536 / len));
   const int64_t blocks = (H + block - 1) / block;
-  const int64_t items = N * blocks;
+  const int64_t items = N * planes_per_sample * blocks;
   const int64_t halo = std::min<int64_t>(H, block + rows.width() - 1);
   const bool parallel = threads > 1 && items > 1 && N * C * H * W >= 32768;
 #pragma omp parallel num_threads(threads) if (parallel)
   {
     WithinScratch<T, A> s;
-    s.padded.assign(static_cast<size_t>((W + cols.width() - 1) * C), A(0));
-    s.rowsum.resize(static_cast<size_t>(halo * row));
-    s.total.resize(static_cast<size_t>(row));
+    s.padded.assign(static_cast<size_t>((W + cols.width() - 1) * lanes), A(0));
+    s.rowsum.resize(static_cast<size_t>(halo * len));
+    s.total.resize(static_cast<size_t>(len));
     s.rows.resize(static_cast<size_t>(std::min<int64_t>(rows.width(), H)));
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < items; ++item) {
-      const int64_t n = item / blocks, b = item % blocks;
+      const int64_t plane = item / blocks, b = item % blocks;
+      const int64_t n = plane / planes_per_sample;
       const auto sp = sample_params<A>(alpha, beta, k, n, static_cast<double>(size) * size);
       const int64_t h0 = b * block, h1 = std::min(H, h0 + block);
-      within_block_nhwc(x + n * H * row, y + n * H * row, H, W, C, h0, h1, rows, cols, sp, s);
+      within_block(x + plane * H * len, y + plane * H * len, H, W, lanes, h0, h1, rows, cols, sp, s);
     }
   }
 }
@@ -605,14 +567,12 @@ void run(int mode, bool channels_last, const void* x, void* y, int64_t N, int64_
          int threads) {
   const T* xt = static_cast<const T*>(x);
   T* yt = static_cast<T*>(y);
-  if (channels_last && mode == 0)
-    lrn_across_nhwc(xt, yt, N, C, H * W, size, alpha, beta, k, threads);
+  if (mode != 0)
+    lrn_within(xt, yt, N, C, H, W, channels_last, size, alpha, beta, k, threads);
   else if (channels_last)
-    lrn_within_nhwc(xt, yt, N, C, H, W, size, alpha, beta, k, threads);
-  else if (mode == 0)
-    lrn_across(xt, yt, N, C, H * W, size, alpha, beta, k, threads);
+    lrn_across_nhwc(xt, yt, N, C, H * W, size, alpha, beta, k, threads);
   else
-    lrn_within(xt, yt, N, C, H, W, size, alpha, beta, k, threads);
+    lrn_across(xt, yt, N, C, H * W, size, alpha, beta, k, threads);
 }
 
 }  // namespace

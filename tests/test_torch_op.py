@@ -21,7 +21,7 @@ from lrnserve.server.models import create_network
 from lrnserve.server.models.runtime import GraphNetwork
 from lrnserve.server.ops import LocalResponseNorm, local_response_norm, native, onnx_export
 from lrnserve.server.ops.composed import local_response_norm_composed
-from lrnserve.server.ops.torch_op import local_response_norm_op
+from lrnserve.server.ops.torch_op import direct_call_unobserved, local_response_norm_op
 
 OP = torch.ops.lrnserve.local_response_norm.default
 CIFAR_PROTOTXT = Path(__file__).resolve().parent / "data" / "caffe" / "cifar10_full.deploy.prototxt"
@@ -89,6 +89,7 @@ def test_module_direct_call_matches_the_op(mode: str, channels_last: bool) -> No
         x = x.contiguous(memory_format=torch.channels_last)
     layer = LocalResponseNorm(5, 2e-2, 0.75, 1.5, mode)
     with torch.inference_mode():
+        assert direct_call_unobserved(x)  # the path under test is the one taken
         got, want = layer(x), OP(x, 5, 2e-2, 0.75, 1.5, mode)
     assert torch.equal(got, want)
     assert got.is_contiguous(memory_format=torch.channels_last) == want.is_contiguous(memory_format=torch.channels_last)
@@ -109,6 +110,7 @@ def test_module_goes_through_the_dispatcher_when_watched() -> None:
     x = torch.randn(1, 4, 5, 5)
     recording = _RecordingMode()
     with recording:
+        assert not direct_call_unobserved(x)
         layer(x)
     assert OP in recording.ops  # a dispatch mode sees the op
     needs_grad = x.clone().requires_grad_(True)

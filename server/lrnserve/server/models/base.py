@@ -120,7 +120,7 @@ def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[-1]))
 
 
-def pool_output_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> int:
+def torch_pool_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> int:
     """torch's pooling output size (dilation 1): in ceil mode the last window must start inside
     the input or its left padding."""
     out = (size + 2 * padding - kernel + (stride - 1 if ceil_mode else 0)) // stride + 1
@@ -150,7 +150,7 @@ def max_pool2d(
     faster). NHWC in through oneDNN was slower still: torch's NHWC kernel took 59 vs 299 us at
     [1, 96, 55, 55] and 2.9 vs 35 ms at [32, 96, 55, 55]. The same windows and output sizes, and a
     max is exact: results are identical, except that a NaN in a window gives NaN on the
-    channels-last path (as F.max_pool2d) and is skipped by oneDNN's NCHW pool (as Caffe's)."""
+    channels-last path (as F.max_pool2d) and is skipped by oneDNN's NCHW pool."""
     eager = not torch.compiler.is_compiling()  # compile and export trace F.max_pool2d (oneDNN's has no fake impl)
     if eager and x.dtype == torch.float32 and x.device.type == "cpu" and not x.requires_grad and x.dim() == 4:
         if not channels_last(x):
@@ -162,8 +162,8 @@ def max_pool2d(
             sh, sw = (kh, kw) if stride is None or (not isinstance(stride, int) and not stride) else _pair(stride)
             ph, pw = _pair(padding)
             if 2 * ph <= kh and 2 * pw <= kw and min(sh, sw) >= 1:  # else torch raises its own error
-                out_h = pool_output_size(x.shape[2], kh, sh, ph, ceil_mode)
-                out_w = pool_output_size(x.shape[3], kw, sw, pw, ceil_mode)
+                out_h = torch_pool_size(x.shape[2], kh, sh, ph, ceil_mode)
+                out_w = torch_pool_size(x.shape[3], kw, sw, pw, ceil_mode)
                 if out_h > 0 and out_w > 0:
                     return native_kernel.max_pool_nhwc(x, (kh, kw), (sh, sw), (ph, pw), (out_h, out_w))
     return F.max_pool2d(x, kernel, stride, padding, ceil_mode=ceil_mode)

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..ops import LocalResponseNorm, LRNParams
 from . import ir
-from .base import LRNFactory, max_pool2d
+from .base import LRNFactory, max_pool2d, torch_pool_size
 
 Step = Callable[..., torch.Tensor]
 
@@ -31,13 +31,6 @@ def pool_output_size(extent: int, kernel: int, stride: int, begin: int, end: int
         out -= 1
     if out < 1:
         raise ValueError(f"kernel {kernel} is larger than the padded input {extent + begin + end}")
-    return out
-
-
-def _torch_pool_size(extent: int, kernel: int, stride: int, pad: int, ceil: bool) -> int:
-    out = (extent + 2 * pad - kernel + (stride - 1 if ceil else 0)) // stride + 1
-    if ceil and (out - 1) * stride >= extent + pad:
-        out -= 1
     return out
 
 
@@ -80,8 +73,8 @@ class PoolStep(nn.Module):
             and left == right
             and top <= kh // 2
             and left <= kw // 2
-            and _torch_pool_size(h, kh, sh, top, self.op.ceil) == out_h
-            and _torch_pool_size(w, kw, sw, left, self.op.ceil) == out_w
+            and torch_pool_size(h, kh, sh, top, self.op.ceil) == out_h
+            and torch_pool_size(w, kw, sw, left, self.op.ceil) == out_w
         ):
             if self.op.method == "max":  # oneDNN on the CPU: 4-17x torch's NCHW pooling (base.max_pool2d)
                 return max_pool2d(x, (kh, kw), (sh, sw), (top, left), ceil_mode=self.op.ceil)

@@ -1,8 +1,9 @@
-"""``lrnserve serve`` whose LRN models are gated probes, driven over stdin and stdout.
+"""``lrnserve serve`` whose models are gated probes, driven over stdin and stdout.
 
-Run as ``python tests/gated_serve.py <serve flags...>``. Every LRN batch, when it enters
-compute, writes one line ``computing <fill values>`` (the first value of each of its samples)
-to stdout and then waits for the gate. The gate starts closed; the line ``open`` on stdin opens
+Run as ``python tests/gated_serve.py <serve flags...>``. Every batch (of an LRN model, or of a
+network, which then computes for real), when it enters compute, writes one line
+``computing <fill values>`` (the first value of each of its samples) to stdout and then waits
+for the gate. The gate starts closed; the line ``open`` on stdin opens
 it for good. stdout carries only those lines: the server's logs, and anything else the process
 prints, go to stderr.
 """
@@ -12,15 +13,20 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import TextIO
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import GatedLRN, Probes
+from harness import GatedLRN
 
 from lrnserve.server.cli import main
+from lrnserve.server.servables import NetworkServable, Servable
 from lrnserve.server.settings import ModelConfig
+from lrnserve.server.work import Abandonment
 
 GATE = threading.Event()  # shared by every probe; starts closed
 
@@ -58,6 +64,25 @@ class StdinGated(GatedLRN):
         super()._enter(group, first_values)
 
 
+class StdinGatedNetwork(NetworkServable):
+    """A network whose batches announce themselves and wait for ``GATE``, then compute for real."""
+
+    def run(
+        self,
+        group: Hashable,
+        x: torch.Tensor,
+        scalars: Mapping[str, torch.Tensor],
+        abandonment: Abandonment | None = None,
+    ) -> torch.Tensor:
+        say("computing " + " ".join(repr(float(sample.reshape(-1)[0])) for sample in x))
+        assert GATE.wait(timeout=60), "test gate never opened"
+        return super().run(group, x, scalars, abandonment)
+
+
+def gated_servable(config: ModelConfig) -> Servable:
+    return StdinGated(config) if config.kind == "lrn" else StdinGatedNetwork(config)
+
+
 def _read_commands(stream: TextIO) -> None:
     for line in stream:
         if line.strip() == "open":
@@ -66,4 +91,4 @@ def _read_commands(stream: TextIO) -> None:
 
 if __name__ == "__main__":
     threading.Thread(target=_read_commands, args=(sys.stdin,), name="stdin-gate", daemon=True).start()
-    sys.exit(main(sys.argv[1:], prog="gated_serve", servables=Probes(StdinGated)))
+    sys.exit(main(sys.argv[1:], prog="gated_serve", servables=gated_servable))

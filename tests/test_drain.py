@@ -132,11 +132,13 @@ class GatedServer:
 
         wait_until(not_serving, "health NOT_SERVING after SIGTERM", WAIT)
 
-    def queue_depth(self) -> float | None:
-        return metric_value(scrape(self.metrics_port), "lrnserve_queue_depth", model="lrn")
+    def queue_depth(self, model: str = "lrn") -> float | None:
+        return metric_value(scrape(self.metrics_port), "lrnserve_queue_depth", model=model)
 
-    def wait_queue_depth(self, depth: int) -> None:
-        wait_until(lambda: self.queue_depth() == depth, f"lrnserve_queue_depth{{model='lrn'}} == {depth}", WAIT)
+    def wait_queue_depth(self, depth: int, model: str = "lrn") -> None:
+        wait_until(
+            lambda: self.queue_depth(model) == depth, f"lrnserve_queue_depth{{model='{model}'}} == {depth}", WAIT
+        )
 
     def infer(self, fill: float) -> grpc.Future[pb.ModelInferResponse]:
         return self.stub.ModelInfer.future(infer_request("lrn", sample(fill)), timeout=WAIT)
@@ -171,9 +173,9 @@ class GatedServer:
 
 
 @contextmanager
-def gated_server(tmp_path: Path, *flags: str) -> Iterator[GatedServer]:
+def gated_server(tmp_path: Path, *flags: str, config_text: str = CONFIG) -> Iterator[GatedServer]:
     config = tmp_path / "drain.toml"
-    config.write_text(CONFIG)
+    config.write_text(config_text)
     port = free_port()
     metrics_port = free_port()
     while metrics_port == port:
@@ -226,6 +228,40 @@ def test_sigterm_drains_a_request_in_compute_and_the_queued_ones(tmp_path: Path)
         log = server.log()
         assert "SIGTERM received: draining" in log
         assert "stopped (drained)" in log
+
+
+def test_sigterm_drains_alexnet_requests_computing_and_queued(tmp_path: Path) -> None:
+    """The drain with a real network: 24 AlexNet requests held (one computing at the gate, 23
+    queued) when SIGTERM arrives are all answered, by the network, after it."""
+    config = "[models.alexnet]\nmax_batch_size = 1\ninstances = 1\nmax_queue_delay_us = 0\nmax_queue_size = 64\n"
+    images = np.random.default_rng(0).standard_normal((1, 3, 227, 227)).astype(np.float32)
+    request = infer_request("alexnet", images)
+    with gated_server(tmp_path, "--grace", "60", config_text=config) as server:
+        calls = [server.stub.ModelInfer.future(request, timeout=WAIT)]
+        assert server.next_line() == f"computing {float(images.flat[0])!r}"
+        calls += [server.stub.ModelInfer.future(request, timeout=WAIT) for _ in range(23)]
+        server.wait_queue_depth(23, model="alexnet")
+        watch = server.health.Watch(health_pb2.HealthCheckRequest(), timeout=WAIT)
+        assert next(watch).status == SERVING
+
+        server.proc.send_signal(signal.SIGTERM)
+        assert next(watch).status == NOT_SERVING, "a health watcher hears of the drain"
+        server.wait_not_serving()
+        with pytest.raises(grpc.RpcError) as refused:
+            server.stub.ModelInfer(request, timeout=WAIT)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value.details()
+        assert "shutting down" in str(refused.value.details())
+
+        server.open_gate()
+        answers = [output_array(call.result(timeout=WAIT)) for call in calls]
+        assert server.exit_code() == 0, server.log()
+        assert answers[0].shape == (1, 1000)
+        assert np.isfinite(answers[0]).all() and abs(float(answers[0].sum()) - 1.0) < 1e-4  # softmax output
+        for answer in answers[1:]:
+            np.testing.assert_array_equal(answer, answers[0])
+        assert len(server.remaining_lines()) == 23, "the 23 queued requests each computed once, after SIGTERM"
+        log = server.log()
+        assert "SIGTERM received: draining" in log and "stopped (drained)" in log
 
 
 class HoldingProxy:

@@ -25,7 +25,7 @@ from . import cuda
 from .errors import InvalidArgument
 from .importers import built_in_network, read_caffe, read_onnx
 from .inference import ModelMetadata, ParameterValue, TensorMetadata
-from .models import LRNNetwork
+from .models import LRNNetwork, chain
 from .models.ir import ModelLoadError
 from .models.runtime import GraphNetwork
 from .ops import Mode, local_response_norm, local_response_norm_checked, native, prepare, triton_lrn
@@ -310,6 +310,7 @@ class NetworkServable(Servable):
         self.preprocess = Preprocessor(config.preprocess, self.name, self.sample_shape) if config.preprocess else None
         self.client_sample_shape = self.preprocess.client_sample_shape if self.preprocess else self.sample_shape
         self.layout = self.preprocess.layout if self.preprocess else "NCHW"
+        self.chain: chain.NativeChain | None = None  # small batches as one native call (CPU, float32)
 
     @property
     def classes(self) -> int | None:
@@ -321,13 +322,18 @@ class NetworkServable(Servable):
         self.network = self.network.to(device=device, dtype=self.dtype).eval()
         described = ""
         if device.type == "cpu" and self.dtype == torch.float32:
+            try:
+                self.chain = chain.build(self.network, self.sample_shape)
+                described += f"; {self.chain.describe()}"
+            except chain.NotChainable as exc:
+                logger.debug("%s: runs layer by layer: %s", self.name, exc)
             # Conv weights reordered once for oneDNN (for their input shape), Linear layers through
             # the streaming kernel or oneDNN by batch size, each ReLU after them fused, max pools
             # through oneDNN or torch's NHWC kernel by layout (bench/networks.py --unpacked, 2
             # threads, one run, before the last three: AlexNet 1.8x / 1.9x / 1.2x at batch 1 / 8
             # / 32, CaffeNet 2.0x / 1.9x / 1.4x; fc6 alone 4x at batch 8 and 32).
             packed = self.network.prepack_for_cpu()
-            described = f"; {packed} convolution and linear layers prepared for the CPU" if packed else ""
+            described += f"; {packed} convolution and linear layers prepared for the CPU" if packed else ""
         warm_up: tuple[int, ...] = (1,)
         if device.type == "cuda":
             described += f"; {cuda.configure_network(self.name, self.dtype, self.config.allow_tf32)}"
@@ -340,6 +346,8 @@ class NetworkServable(Servable):
         with torch.inference_mode():
             for samples in warm_up:
                 self.network(torch.zeros(samples, *self.sample_shape, device=device, dtype=self.dtype))
+            if self.chain is not None:
+                self.chain(torch.zeros(1, *self.sample_shape, dtype=self.dtype))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return f"weights: {self.network.weights_source}; LRN: {implementation}{described}"
@@ -383,11 +391,16 @@ class NetworkServable(Servable):
         abandonment: Abandonment | None = None,
     ) -> torch.Tensor:
         """The network stage by stage (feature layers, then the classifier), stopping between
-        stages once every request of the batch has gone."""
+        stages once every request of the batch has gone; a small batch of a small network as one
+        native call (``models.chain``) instead."""
         stop = (lambda: abandonment.abandoned) if abandonment is not None else None
         answer_dtype = x.dtype if x.dtype.is_floating_point else self.dtype  # see output_datatype
         if self.preprocess is not None:
             x = self.preprocess(x)
+        if self.chain is not None and x.shape[0] <= self.chain.max_batch and x.device.type == "cpu":
+            if stop is not None and stop():  # one call: nothing to stop between
+                raise BatchAbandoned
+            return self.chain(x.to(self.dtype)).to(answer_dtype)
         out = self.network.forward_until(x.to(self.dtype), stop)
         if out is None:
             raise BatchAbandoned

@@ -175,6 +175,20 @@ class GraphNetwork(nn.Module):
             planned.append(_Planned(node, step, tuple(args), frees))
         return planned
 
+    def chain_nodes(self) -> list[tuple[ir.Node, list[torch.Tensor | None]]] | None:
+        """The nodes in order, each with its inputs' constants (None for the value that flows in),
+        when every node reads, besides constants, only the one before it's output (the first: the
+        model's input) and the last produces the output; else None. For ``chain``."""
+        nodes: list[tuple[ir.Node, list[torch.Tensor | None]]] = []
+        flowing = self._input_value
+        for planned in self._plan:
+            values = {key for constant, key in planned.args if key and not constant}
+            if values != {flowing}:
+                return None
+            nodes.append((planned.node, [getattr(self, key) if constant else None for constant, key in planned.args]))
+            flowing = planned.node.outputs[0]
+        return nodes if flowing == self._output_value else None
+
     def prepack_for_cpu(self) -> int:
         """Conv nodes with constant float32 CPU weights run through oneDNN with their weights
         reordered once, here (``base.PackedConv2d``), InnerProduct and Gemm nodes through

@@ -1,6 +1,7 @@
-"""Build, cache and call the fused C++ LRN kernel (``csrc/lrn.cpp``), and the small-batch fully
-connected kernel and the channels-last max pool beside it in the same library (``csrc/linear.cpp``,
-``csrc/pool.cpp``).
+"""Build, cache and call the fused C++ LRN kernel (``csrc/lrn.cpp``), and beside it in the same
+library the small-batch fully connected kernel, the channels-last max pool and convolution, and
+the runner of a whole small network as one call (``csrc/linear.cpp``, ``pool.cpp``, ``conv.cpp``,
+``chain.cpp``).
 
 The kernel is a plain C ABI library compiled with the system C++ compiler the
 first time it is needed and cached on disk, keyed by its source, flags and the
@@ -31,8 +32,10 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-ABI_VERSION = 5
-SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("lrn.cpp", "linear.cpp", "pool.cpp"))
+ABI_VERSION = 6
+SOURCES = tuple(
+    Path(__file__).with_name("csrc") / name for name in ("lrn.cpp", "linear.cpp", "pool.cpp", "conv.cpp", "chain.cpp")
+)
 HEADERS = (Path(__file__).with_name("csrc") / "simd.h",)  # not compiled alone; part of the cache key
 _BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno")
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
@@ -85,6 +88,14 @@ class NativeKernel:
         for fn in (self._max_pool, self._max_pool_holding):
             fn.restype = ctypes.c_int
             fn.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 6 + [ctypes.c_int] * 7
+        self.conv_block = int(library.lrnserve_conv_block())
+        self._conv = library.lrnserve_conv_nhwc
+        self._conv.restype = ctypes.c_int
+        self._conv.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 7 + [ctypes.c_int] * 8
+        self._chain = library.lrnserve_chain_forward
+        self._chain.restype = ctypes.c_int
+        self._chain.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        self._chain.argtypes += [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, relu: bool) -> torch.Tensor:
         """``x @ weight.T + bias`` (then ReLU), for x [M, K] with a few rows M; float32, contiguous
@@ -113,6 +124,35 @@ class NativeKernel:
         if rc != 0:
             raise RuntimeError(f"native max pool kernel rejected its arguments (code {rc})")
         return out
+
+    def conv_nhwc(
+        self, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor, out_channels: int,
+        kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int], relu: bool,
+    ) -> torch.Tensor:  # fmt: skip
+        """The convolution of x, a channels-last float32 CPU tensor [N, C, H, W], with weights
+        packed for this library (``models.chain.pack_conv_weight``) and a bias padded alike, into
+        a new channels-last tensor. Called without the GIL."""
+        n, c, h, w = x.shape
+        oh = (h + 2 * padding[0] - kernel[0]) // stride[0] + 1
+        ow = (w + 2 * padding[1] - kernel[1]) // stride[1] + 1
+        out = torch.empty(n, out_channels, oh, ow, dtype=torch.float32, memory_format=torch.channels_last)
+        padded = torch.empty(n * (h + 2 * padding[0]) * (w + 2 * padding[1]) * c, dtype=torch.float32)
+        rc = self._conv(
+            x.data_ptr(), packed.data_ptr(), bias.data_ptr(), out.data_ptr(), padded.data_ptr(), n, c, h, w,
+            out_channels, oh, ow, *kernel, *stride, *padding, int(relu), torch.get_num_threads(),
+        )  # fmt: skip
+        if rc != 0:
+            raise RuntimeError(f"native convolution kernel rejected its arguments (code {rc})")
+        return out
+
+    def chain_forward(
+        self, program: int, count: int, params: int, x: int, out: int, workspace: int, samples: int,
+        activation: int, threads: int,
+    ) -> int:  # fmt: skip
+        """``csrc/chain.cpp`` on addresses (the caller, ``models.chain.NativeChain``, keeps the
+        memory alive); returns its code: 0, or minus two minus the index of the failed layer.
+        Called without the GIL."""
+        return int(self._chain(program, count, params, x, out, workspace, samples, activation, threads))
 
     def forward(
         self,

@@ -580,7 +580,7 @@ void run(int mode, bool channels_last, const void* x, void* y, int64_t N, int64_
 extern "C" {
 
 // Version of this ABI; the Python loader refuses a library that disagrees.
-int lrnserve_abi_version() { return 5; }
+int lrnserve_abi_version() { return 6; }
 
 // dtype: 0 float32, 1 float64, 2 float16, 3 bfloat16. mode: 0 across, 1 within. layout: 0 NCHW
 // (contiguous), 1 NHWC (channels-last contiguous). x and y share the layout.

@@ -88,7 +88,7 @@ def conv_layer(
     oc, weight_c, kh, kw = weight.shape
     (sh, sw), (ph, pw) = stride, padding
     oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
-    if weight_c != c or oh < 1 or ow < 1:
+    if weight_c != c or oh < 1 or ow < 1 or (bias is not None and bias.numel() != oc):
         raise NotChainable(f"a convolution of weight {list(weight.shape)} does not fit its input {list(shape)}")
 
     def pack() -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,7 +122,7 @@ def lrn_layer(shape: Shape, size: int, alpha: float, beta: float, k: float, mode
 def linear_layer(weight: torch.Tensor, bias: torch.Tensor | None, shape: Shape, relu: bool) -> _Layer:
     """A fully connected layer on a sample ``shape`` flattened in NCHW order (weight [out, C*H*W])."""
     c, h, w = shape
-    if weight.dim() != 2 or weight.shape[1] != c * h * w:
+    if weight.dim() != 2 or weight.shape[1] != c * h * w or (bias is not None and bias.numel() != weight.shape[0]):
         raise NotChainable(f"a fully connected weight {list(weight.shape)} does not fit its input {list(shape)}")
     out = int(weight.shape[0])
 
@@ -130,7 +130,7 @@ def linear_layer(weight: torch.Tensor, bias: torch.Tensor | None, shape: Shape, 
         packed = weight.detach().float()
         if h * w > 1:  # the activations are channels-last: reorder the weight's columns to match
             packed = packed.reshape(out, c, h, w).permute(0, 2, 3, 1).reshape(out, -1)
-        return packed.contiguous(), None if bias is None else bias.detach().float().contiguous()
+        return packed.contiguous(), None if bias is None else bias.detach().float().reshape(-1).contiguous()
 
     return _Layer(LINEAR, shape, (out, 1, 1), (0, 0, 0, 0, 0, 0, int(relu), 0), pack, c * h * w * out)
 

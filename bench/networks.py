@@ -16,8 +16,9 @@ times each engine once, in rotating order; medians of ``--reps``):
 - ``torch``: torch eager, the same network with ``torch.nn.LocalResponseNorm`` (within-channel
   LRN as its avg_pool2d composition);
 - ``compile``: ``torch.compile`` of ``torch`` (compiled before timing; ``--skip-compile``);
-- ``unpacked`` (``--unpacked``): lrnserve's servable without its load-time oneDNN prepacking,
-  i.e. the engine before it, for a before/after in one run.
+- ``unpacked`` (``--unpacked``): lrnserve's servable without its load-time preparation for the
+  CPU (oneDNN prepacking, and the native chain of a small network: every layer through torch),
+  i.e. the engine before them, for a before/after in one run.
 
 Before timing, each engine's output is compared with lrnserve's at every batch size ("err":
 max |out - lrnserve| / max |lrnserve - its per-sample mean|, i.e. relative to the spread of
@@ -316,11 +317,12 @@ def build_engines(subject: Subject, pool: Instances, compile_: bool, unpacked: b
     pool.call(lambda: servable.load(torch.device("cpu")))
     load_s["lrnserve"] = time.perf_counter() - start
     plain: NetworkServable | None = None
-    if unpacked:  # the engine as it was before load-time prepacking: the same servable, unpacked
+    if unpacked:  # the engine as it was before its load-time preparation: the same servable, layer by layer
         plain = NetworkServable(subject.config)
         plain.threads = pool.threads
         plain.network.prepack_for_cpu = lambda: 0  # type: ignore[method-assign]
         pool.call(lambda: plain.load(torch.device("cpu")))
+        plain.chain = None
     start = time.perf_counter()
     sessions = [ort_session(subject.onnx_bytes, pool.threads) for _ in range(pool.count)]
     load_s["onnxruntime"] = time.perf_counter() - start
@@ -481,7 +483,9 @@ def main() -> None:
     parser.add_argument("--instances", type=int, default=1)
     parser.add_argument("--skip-compile", action="store_true")
     parser.add_argument(
-        "--unpacked", action="store_true", help="also lrnserve without load-time oneDNN prepacking (the engine before)"
+        "--unpacked",
+        action="store_true",
+        help="also lrnserve without oneDNN prepacking and the native chain (the engine before)",
     )
     parser.add_argument("--model-file", type=Path, help="an .onnx file instead of the built-ins")
     parser.add_argument("--prototxt", type=Path, help="a Caffe deploy prototxt instead of the built-ins")

@@ -4,7 +4,9 @@ against torch's own layers in float64 with the LRN loop reference (tests/referen
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -265,3 +267,22 @@ def test_an_onnx_cifar10_with_composed_within_channel_lrn_runs_layer_by_layer(tm
     network = GraphNetwork(read_onnx(exported))
     with pytest.raises(chain.NotChainable, match="not a straight chain"):
         chain.build(network, network.input_shape)
+
+
+def test_one_chain_serves_instances_side_by_side() -> None:
+    # The server's instances share a servable: its chain is called from several threads at once.
+    modules = small_network()
+    built = chain.from_modules(modules, (3, 17, 15), kernel())
+    inputs = [torch.randn(2, 3, 17, 15, generator=torch.Generator().manual_seed(10 + i)) for i in range(4)]
+    wanted = [built(x) for x in inputs]
+    start = threading.Barrier(len(inputs), timeout=30)
+
+    def run(x: torch.Tensor) -> list[torch.Tensor]:
+        start.wait()
+        return [built(x) for _ in range(50)]
+
+    with ThreadPoolExecutor(len(inputs)) as pool:
+        results = list(pool.map(run, inputs))
+    for got, want in zip(results, wanted, strict=True):
+        for out in got:
+            assert torch.equal(out, want)

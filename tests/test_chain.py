@@ -10,10 +10,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 import torch.nn.functional as F
 from caffe_files import caffe_forward, layer_types, parse_net, write_caffemodel
+from onnx import helper
+from onnx_files import model as onnx_model
+from onnx_files import ort_run, relative_error
 from torch import nn
 
 from lrnserve.server.importers import read_caffe, read_onnx
@@ -286,3 +290,100 @@ def test_one_chain_serves_instances_side_by_side() -> None:
     for got, want in zip(results, wanted, strict=True):
         for out in got:
             assert torch.equal(out, want)
+
+
+# ---- imported ONNX models (built with the onnx package; onnxruntime is the reference) ----
+
+
+def onnx_chain_model(rng: np.random.Generator) -> onnx.ModelProto:
+    def weight(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32)
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("MaxPool", ["r1"], ["p1"], kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1),
+        helper.make_node("LRN", ["p1"], ["n1"], size=3, alpha=1e-2, beta=0.75, bias=2.0),
+        helper.make_node("Conv", ["n1", "w2"], ["c2"], strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("AveragePool", ["c2"], ["a1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node(
+            "AveragePool", ["a1"], ["a2"], kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1, count_include_pad=1
+        ),
+        helper.make_node("Flatten", ["a2"], ["f"]),
+        helper.make_node("Gemm", ["f", "w3", "b3"], ["g1"], transB=1),
+        helper.make_node("Relu", ["g1"], ["r2"]),
+        helper.make_node("Gemm", ["r2", "w4"], ["g2"]),
+        helper.make_node("Softmax", ["g2"], ["y"], axis=1),
+    ]
+    weights = {
+        "w1": weight(8, 3, 3, 3), "b1": weight(8), "w2": weight(16, 8, 3, 3), "w3": weight(12, 16 * 2 * 2),
+        "b3": weight(12), "w4": weight(12, 5),
+    }  # fmt: skip
+    return onnx_model(nodes, [("x", [1, 3, 13, 11])], [("y", [1, 5])], weights)
+
+
+def test_an_imported_onnx_chain_matches_onnxruntime(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    built = onnx_chain_model(rng)
+    path = tmp_path / "chain.onnx"
+    path.write_bytes(built.SerializeToString())
+    network = GraphNetwork(read_onnx(path))
+    planned = chain.build(network, network.input_shape)
+    assert [layer.code for layer in planned.layers] == [
+        chain.CONV, chain.MAX_POOL, chain.LRN, chain.CONV, chain.AVG_POOL, chain.AVG_POOL, chain.LINEAR,
+        chain.LINEAR, chain.SOFTMAX,
+    ]  # fmt: skip
+    assert planned.layers[0].fields[6] == 1 and planned.layers[6].fields[6] == 1  # the ReLUs fused
+    x = rng.standard_normal((1, 3, 13, 11)).astype(np.float32)
+    got = planned(torch.from_numpy(x)).numpy()
+    want = ort_run(built, x)
+    assert relative_error(got, want) < 1e-5
+
+
+def test_an_imported_global_pool_and_unpadded_chain(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((6, 2, 3, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"]),
+        helper.make_node("GlobalAveragePool", ["c"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["y"]),
+    ]
+    built = onnx_model(nodes, [("x", [1, 2, 7, 9])], [("y", [1, 6])], {"w": w})
+    path = tmp_path / "global.onnx"
+    path.write_bytes(built.SerializeToString())
+    network = GraphNetwork(read_onnx(path))
+    planned = chain.build(network, network.input_shape)
+    x = rng.standard_normal((3, 2, 7, 9)).astype(np.float32)
+    got = planned(torch.from_numpy(x)).numpy()
+    want = np.concatenate([ort_run(built, x[i : i + 1]) for i in range(3)])
+    assert got.shape == (3, 6) and relative_error(got, want) < 1e-5
+
+
+def test_an_imported_graph_whose_data_is_not_a_first_input_is_not_a_chain(tmp_path: Path) -> None:
+    # Gemm(A, B, C) with the running value as C (the bias): the chain reads input 0 as the data.
+    nodes = [helper.make_node("Flatten", ["x"], ["f"]), helper.make_node("Gemm", ["a", "b", "f"], ["y"])]
+    consts = {"a": np.ones((1, 10), np.float32), "b": np.eye(10, dtype=np.float32)}
+    path = tmp_path / "gemm.onnx"
+    path.write_bytes(onnx_model(nodes, [("x", [1, 10, 1, 1])], [("y", [1, 10])], consts).SerializeToString())
+    network = GraphNetwork(read_onnx(path))
+    with pytest.raises(chain.NotChainable, match="not a straight chain"):
+        chain.build(network, network.input_shape)
+
+
+def test_an_imported_graph_with_nothing_to_compute_loads_layer_by_layer(tmp_path: Path) -> None:
+    path = tmp_path / "flatten.onnx"
+    built = onnx_model([helper.make_node("Flatten", ["x"], ["y"])], [("x", [1, 3, 4, 4])], [("y", [1, 48])])
+    path.write_bytes(built.SerializeToString())
+    with pytest.raises(chain.NotChainable, match="no layers"):
+        network = GraphNetwork(read_onnx(path))
+        chain.build(network, network.input_shape)
+    servable = NetworkServable(ModelConfig(name="f", kind="onnx", path=path))
+    servable.load(torch.device("cpu"))
+    assert servable.chain is None
+    x = torch.randn(2, 3, 4, 4)
+    assert torch.equal(servable.run((), x, {}), x.reshape(2, 48))
+
+
+def test_a_chain_answers_an_empty_batch() -> None:
+    built = chain.from_modules(small_network(), (3, 17, 15), kernel())
+    assert built(torch.zeros(0, 3, 17, 15)).shape == (0, 7)

@@ -327,6 +327,8 @@ class NetworkServable(Servable):
                 described += f"; {self.chain.describe()}"
             except chain.NotChainable as exc:
                 logger.debug("%s: runs layer by layer: %s", self.name, exc)
+            except Exception:  # a planning fault must not cost a model that runs layer by layer
+                logger.warning("%s: native chain not planned; runs layer by layer", self.name, exc_info=True)
             # Conv weights reordered once for oneDNN (for their input shape), Linear layers through
             # the streaming kernel or oneDNN by batch size, each ReLU after them fused, max pools
             # through oneDNN or torch's NHWC kernel by layout (bench/networks.py --unpacked, 2

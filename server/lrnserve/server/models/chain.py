@@ -224,10 +224,11 @@ def _graph_layers(network: GraphNetwork, block: int) -> list[_Layer]:
             top, left, bottom, right = op.pads
             if op.auto_pad != "NOTSET" or (top, left) != (bottom, right):
                 raise NotChainable(f"node '{node.name}': only symmetrically padded pools")
-            kernel, stride = ((shape[1], shape[2]), (1, 1)) if op.global_pool else (op.kernel, op.stride)
-            layer = pool_layer(
-                op.method, shape, kernel, stride, (top, left), (out_dims[1], out_dims[2]), op.count_include_pad
-            )
+            kernel, stride, padding = op.kernel, op.stride, (top, left)
+            if op.global_pool:  # as graph_ops.PoolStep: the whole input, unpadded
+                kernel, stride, padding = (shape[1], shape[2]), (1, 1), (0, 0)
+            output = (out_dims[1], out_dims[2])
+            layer = pool_layer(op.method, shape, kernel, stride, padding, output, op.count_include_pad)
         elif isinstance(op, ir.Activation) and op.op == "relu" and op.negative_slope == 0:
             layer = _Layer(RELU, shape, shape)
         elif isinstance(op, ir.Activation) and op.op == "identity":
@@ -271,6 +272,8 @@ class NativeChain:
     up to ``max_batch``, as the modules it was planned from would, within float32 rounding."""
 
     def __init__(self, layers: list[_Layer], kernel: native.NativeKernel, output_flat: bool) -> None:
+        if not layers:
+            raise NotChainable("no layers to run")
         self.layers = layers
         self._kernel = kernel
         self.input_shape = layers[0].shape_in
@@ -300,6 +303,8 @@ class NativeChain:
             raise ValueError(f"native chain: expected float32 [N, {', '.join(map(str, self.input_shape))}] on the CPU")
         x = x.contiguous()
         out = torch.empty(samples, *self.output_shape, dtype=torch.float32)
+        if samples == 0:
+            return out
         workspace = torch.empty(samples * (2 * self._activation + self._scratch), dtype=torch.float32)
         rc = self._kernel.chain_forward(
             self._program.data_ptr(), len(self.layers), ctypes.addressof(self._params), x.data_ptr(), out.data_ptr(),
@@ -357,7 +362,5 @@ def build(network: nn.Module, input_shape: Sequence[int]) -> NativeChain:
 def from_modules(modules: Sequence[nn.Module], input_shape: Shape, kernel: native.NativeKernel) -> NativeChain:
     """The chain computing ``modules`` in order: its output is flat once one of them flattens."""
     layers = _module_layers(modules, input_shape, kernel.conv_block)
-    if not layers:
-        raise NotChainable("no layers")
     flat = any(isinstance(module, nn.Flatten) for module in modules)
     return NativeChain(layers, kernel, output_flat=flat)

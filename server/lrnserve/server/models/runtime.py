@@ -177,13 +177,14 @@ class GraphNetwork(nn.Module):
 
     def chain_nodes(self) -> list[tuple[ir.Node, list[torch.Tensor | None]]] | None:
         """The nodes in order, each with its inputs' constants (None for the value that flows in),
-        when every node reads, besides constants, only the one before it's output (the first: the
-        model's input) and the last produces the output; else None. For ``chain``."""
+        when every node's first input is the one before it's output (the first node's: the model's
+        input), its other inputs are constants or absent, and the last produces the output; else
+        None. For ``chain``."""
         nodes: list[tuple[ir.Node, list[torch.Tensor | None]]] = []
         flowing = self._input_value
         for planned in self._plan:
-            values = {key for constant, key in planned.args if key and not constant}
-            if values != {flowing}:
+            first, *rest = planned.args or ((True, ""),)
+            if first != (False, flowing) or any(key and not constant for constant, key in rest):
                 return None
             nodes.append((planned.node, [getattr(self, key) if constant else None for constant, key in planned.args]))
             flowing = planned.node.outputs[0]

@@ -135,6 +135,15 @@ class NativeKernel:
         n, c, h, w = x.shape
         oh = (h + 2 * padding[0] - kernel[0]) // stride[0] + 1
         ow = (w + 2 * padding[1] - kernel[1]) // stride[1] + 1
+        padded_out = -(-out_channels // self.conv_block) * self.conv_block
+        if (
+            x.dtype != torch.float32
+            or not x.is_contiguous(memory_format=torch.channels_last)
+            or packed.numel() != padded_out * kernel[0] * kernel[1] * c
+            or bias.numel() != padded_out
+            or not (packed.is_contiguous() and bias.is_contiguous())
+        ):
+            raise ValueError("native convolution: x must be channels-last float32, weights and bias packed for it")
         out = torch.empty(n, out_channels, oh, ow, dtype=torch.float32, memory_format=torch.channels_last)
         padded = torch.empty(n * (h + 2 * padding[0]) * (w + 2 * padding[1]) * c, dtype=torch.float32)
         rc = self._conv(

@@ -31,7 +31,7 @@ from lrnserve.server.settings import ModelConfig
 from lrnserve.server.work import Abandonment, BatchAbandoned
 from reference import lrn_reference
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "models" / "caffe"
+SHARED = Path(__file__).resolve().parent / "data" / "caffe"  # the BVLC deploy prototxts
 
 
 def kernel() -> native.NativeKernel:

@@ -34,6 +34,7 @@ from lrnserve.client.pb import grpc_predict_v2_pb2_grpc as pb_grpc
 from lrnserve.client.pb import health_pb2, health_pb2_grpc
 from lrnserve.server import eventloop
 from lrnserve.server.app import LrnServer
+from lrnserve.server.ops import native
 from lrnserve.server.repository import ServableFactory
 from lrnserve.server.servables import LRNServable, Servable, create_servable
 from lrnserve.server.settings import BatchingPolicy, ModelConfig, ServerSettings
@@ -331,3 +332,16 @@ def requests_counted(port: int, model: str, code: str) -> float:
     """``lrnserve_requests_total{model, code}`` as scraped now (0 before the first such request)."""
     value = metric_value(scrape(port), "lrnserve_requests_total", model=model, code=code)
     return 0.0 if value is None else value
+
+
+def other_build(target: str | None, folder: Path) -> native.NativeKernel:
+    """The native library built for ``target`` (an x86-64 level, or None: the compiler's default)
+    into ``folder`` and loaded; skips the test where this CPU cannot run that code. The loaded
+    build is this CPU's best level; the others use other vector widths and tiles."""
+    import pytest
+
+    if target is not None and (native.isa_level() or "") < target:
+        pytest.skip(f"this CPU does not run {target} code")
+    path = folder / "kernel.so"
+    native._compile(target, path)
+    return native._open(path)

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from caffe_files import caffe_forward, layer_types, parse_net, write_caffemodel
+from harness import other_build
 from onnx import helper
 from onnx_files import model as onnx_model
 from onnx_files import ort_run, relative_error
@@ -114,11 +115,7 @@ def test_conv_kernel_relu_keeps_nan() -> None:
 def test_conv_kernel_and_chain_other_builds(target: str | None, tmp_path: Path) -> None:
     # This CPU's build tiles 8 pixels by 32 channels with AVX-512; the AVX2 and compiler-default
     # builds tile 6 by 16, so they are built and checked here too.
-    if target is not None and (native.isa_level() or "") < target:
-        pytest.skip(f"this CPU does not run {target} code")
-    path = tmp_path / "kernel.so"
-    native._compile(target, path)
-    found = native._open(path)
+    found = other_build(target, tmp_path)
     for case in CONVS:
         run_conv(found, case, relu=True, seed=1)
     modules = small_network()

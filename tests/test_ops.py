@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from harness import other_build
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -411,11 +412,7 @@ def test_linear_kernel_matches_float64(rows: int, inner: int, outer: int, relu: 
 def test_linear_kernel_other_builds(target: str | None, tmp_path: Path) -> None:
     # The loaded build is this CPU's best level; the AVX2 and compiler-default builds tile
     # differently (8 lanes, two samples per tile), so they are built and checked here too.
-    if target is not None and (native.isa_level() or "") < target:
-        pytest.skip(f"this CPU does not run {target} code")
-    path = tmp_path / "kernel.so"
-    native._compile(target, path)
-    kernel = native._open(path)
+    kernel = other_build(target, tmp_path)
     gen = torch.Generator().manual_seed(5)
     for rows, inner, outer in [(1, 9216, 9), (3, 100, 1001), (5, 33, 4), (16, 4096, 7)]:
         x = torch.randn(rows, inner, generator=gen)

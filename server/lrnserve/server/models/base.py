@@ -116,7 +116,8 @@ class CpuLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, attr={self.attr}"
 
 
-def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
+def pair(value: int | tuple[int, ...]) -> tuple[int, int]:
+    """A torch layer's 2-D argument (an int, or a pair) as (height, width)."""
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[-1]))
 
 
@@ -158,9 +159,9 @@ def max_pool2d(
                 pooled = torch.mkldnn_max_pool2d(x.contiguous().to_mkldnn(), kernel, stride, padding, 1, ceil_mode)
                 return pooled.to_dense()
         elif (native_kernel := native.kernel()) is not None:
-            kh, kw = _pair(kernel)
-            sh, sw = (kh, kw) if stride is None or (not isinstance(stride, int) and not stride) else _pair(stride)
-            ph, pw = _pair(padding)
+            kh, kw = pair(kernel)
+            sh, sw = (kh, kw) if stride is None or (not isinstance(stride, int) and not stride) else pair(stride)
+            ph, pw = pair(padding)
             if 2 * ph <= kh and 2 * pw <= kw and min(sh, sw) >= 1:  # else torch raises its own error
                 out_h = torch_pool_size(x.shape[2], kh, sh, ph, ceil_mode)
                 out_w = torch_pool_size(x.shape[3], kw, sw, pw, ceil_mode)

@@ -1,8 +1,9 @@
 """A small network run as one call into the native library (``ops/csrc/chain.cpp``).
 
-At batch 1, cifar10_full spent two thirds of its time in per-layer overhead: a oneDNN
-convolution through torch cost 45 us beside 26-53 us of kernel time, every other layer 10-20
-us, for twelve layers (420 us a batch; onnxruntime 280 us). When a network is a straight chain of
+At batch 1, cifar10_full spent most of its time in per-layer overhead: its oneDNN convolutions
+took 81 / 102 / 70 us called through torch one after another, for 26 / 53 / 25 us of kernel time
+(oneDNN's verbose log), and each of its other nine layers 2-41 us (420 us a batch; onnxruntime
+280 us). When a network is a straight chain of
 layers the library implements, and a batch is small enough that overhead matters, the whole
 network runs as one call with its activations channels-last in one workspace, its convolutions
 through ``csrc/conv.cpp``. cifar10_full, 2 threads, one run, chain against layer by layer: 197 vs
@@ -20,7 +21,8 @@ layer by layer as before.
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable, Iterable, Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +31,7 @@ from torch import nn
 from ..ops import native
 from ..ops.lrn import LocalResponseNorm
 from . import ir
-from .base import LRNNetwork, torch_pool_size
+from .base import LRNNetwork, pair, torch_pool_size
 from .runtime import GraphNetwork
 
 CONV, MAX_POOL, AVG_POOL, RELU, LRN, LINEAR, SOFTMAX = range(1, 8)
@@ -48,7 +50,7 @@ class _Layer:
     code: int
     shape_in: tuple[int, int, int]  # C, H, W of one sample
     shape_out: tuple[int, int, int]
-    fields: tuple[int, ...] = ()  # KH, KW, SH, SW, PH, PW, flag, size
+    fields: tuple[int, ...] = (0,) * 8  # KH, KW, SH, SW, PH, PW, flag, size
     pack: Callable[[], tuple[torch.Tensor | None, torch.Tensor | None]] | None = None  # its two parameters
     macs: int = 0
 
@@ -68,12 +70,6 @@ def pack_conv_bias(bias: torch.Tensor | None, out_channels: int, block: int) -> 
     if bias is not None:
         padded[:out_channels] = bias.detach().float()
     return padded
-
-
-def _pair(value: int | tuple[int, ...] | str) -> tuple[int, int]:
-    if isinstance(value, str):
-        raise NotChainable(f"padding '{value}'")
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[-1]))
 
 
 Shape = tuple[int, int, int]  # C, H, W of one sample
@@ -150,9 +146,11 @@ def _module_layers(modules: Sequence[nn.Module], input_shape: Shape, block: int)
         elif isinstance(module, nn.Flatten) and module.start_dim == 1 and module.end_dim == -1:
             flattened = True
         elif isinstance(module, nn.Conv2d) and not flattened:
-            if module.groups != 1 or _pair(module.dilation) != (1, 1) or module.padding_mode != "zeros":
+            if module.groups != 1 or pair(module.dilation) != (1, 1) or module.padding_mode != "zeros":
                 raise NotChainable(f"{module}: only plain convolutions (one group, no dilation, zero padding)")
-            stride, padding = _pair(module.stride), _pair(module.padding)
+            if isinstance(module.padding, str):
+                raise NotChainable(f"padding '{module.padding}'")
+            stride, padding = pair(module.stride), pair(module.padding)
             layer = conv_layer(module.weight.detach(), module.bias, shape, stride, padding, relu_next, block)
             i += relu_next
         elif isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)) and not flattened:
@@ -177,12 +175,12 @@ def _module_layers(modules: Sequence[nn.Module], input_shape: Shape, block: int)
 
 
 def _pool_module(pool: nn.MaxPool2d | nn.AvgPool2d, shape: Shape) -> _Layer:
-    if isinstance(pool, nn.MaxPool2d) and (_pair(pool.dilation) != (1, 1) or pool.return_indices):
+    if isinstance(pool, nn.MaxPool2d) and (pair(pool.dilation) != (1, 1) or pool.return_indices):
         raise NotChainable(f"{pool}: dilated or index-returning max pool")
     if isinstance(pool, nn.AvgPool2d) and pool.divisor_override is not None:
         raise NotChainable(f"{pool}: average pool with a divisor")
-    kernel, padding = _pair(pool.kernel_size), _pair(pool.padding)
-    stride = _pair(pool.stride or pool.kernel_size)
+    kernel, padding = pair(pool.kernel_size), pair(pool.padding)
+    stride = pair(pool.stride or pool.kernel_size)
     ceil = bool(pool.ceil_mode)
     output = tuple(torch_pool_size(shape[1 + a], kernel[a], stride[a], padding[a], ceil) for a in (0, 1))
     method = "max" if isinstance(pool, nn.MaxPool2d) else "avg"
@@ -237,7 +235,7 @@ def _graph_layers(network: GraphNetwork, block: int) -> list[_Layer]:
             if op.size % 2 == 0 and op.extra_neighbour == "after":
                 raise NotChainable(f"node '{node.name}': an even LRN window centred as ONNX centres it")
             layer = lrn_layer(shape, op.size, op.alpha, op.beta, op.k, op.region)
-        elif isinstance(op, (ir.Flatten, ir.Reshape)) and len(out_dims) == 1 and out_dims[0] == _numel(shape):
+        elif isinstance(op, (ir.Flatten, ir.Reshape)) and len(out_dims) == 1 and out_dims[0] == math.prod(shape):
             if isinstance(op, ir.Flatten) and (op.axis != 1 or op.end_axis not in (None, -1)):
                 raise NotChainable(f"node '{node.name}': a flatten from axis {op.axis}")
             flattened = True
@@ -259,10 +257,10 @@ def _graph_layers(network: GraphNetwork, block: int) -> list[_Layer]:
         if layer is not None:
             layers.append(layer)
             shape = layer.shape_out
-        expected = (_numel(shape),) if flattened else shape
+        expected = (math.prod(shape),) if flattened else shape
         if tuple(out_dims) != expected:
             raise NotChainable(f"node '{node.name}': output {list(out_dims)}, the chain computes {list(expected)}")
-    if tuple(network.output_shape) != ((_numel(shape),) if flattened else shape):
+    if tuple(network.output_shape) != ((math.prod(shape),) if flattened else shape):
         raise NotChainable(f"the output {list(network.output_shape)} is not the last layer's")
     return layers
 
@@ -278,7 +276,7 @@ class NativeChain:
         self._kernel = kernel
         self.input_shape = layers[0].shape_in
         out = layers[-1].shape_out
-        self.output_shape: tuple[int, ...] = (_numel(out),) if output_flat else out
+        self.output_shape: tuple[int, ...] = (math.prod(out),) if output_flat else out
         self.macs = sum(layer.macs for layer in layers)
         self.max_batch = CHAIN_MAX_MACS // max(self.macs, 1)
         if self.max_batch < 1:
@@ -287,14 +285,13 @@ class NativeChain:
         self._params = (ctypes.c_void_p * (2 * len(layers)))()
         self._keep: list[torch.Tensor] = [program]
         for index, layer in enumerate(layers):
-            fields = layer.fields or (0,) * 8
-            program[index, :15] = torch.tensor([layer.code, *layer.shape_in, *layer.shape_out, *fields])
+            program[index, :15] = torch.tensor([layer.code, *layer.shape_in, *layer.shape_out, *layer.fields])
             for slot, tensor in enumerate(layer.pack() if layer.pack is not None else (None, None)):
                 if tensor is not None:
                     self._keep.append(tensor)
                     self._params[2 * index + slot] = tensor.data_ptr()
         self._program = program
-        self._activation = max(max(_numel(layer.shape_in), _numel(layer.shape_out)) for layer in layers)
+        self._activation = max(max(math.prod(layer.shape_in), math.prod(layer.shape_out)) for layer in layers)
         self._scratch = max((_padded_input(layer) for layer in layers if layer.code == CONV), default=0)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -322,13 +319,6 @@ def _padded_input(layer: _Layer) -> int:
     """Floats of one sample's zero-padded convolution input."""
     c, h, w = layer.shape_in
     return c * (h + 2 * layer.fields[4]) * (w + 2 * layer.fields[5])
-
-
-def _numel(shape: Iterable[int]) -> int:
-    total = 1
-    for dim in shape:
-        total *= dim
-    return total
 
 
 def chain_modules(network: LRNNetwork) -> list[nn.Module]:

@@ -183,8 +183,8 @@ class GraphNetwork(nn.Module):
         nodes: list[tuple[ir.Node, list[torch.Tensor | None]]] = []
         flowing = self._input_value
         for planned in self._plan:
-            first, *rest = planned.args or ((True, ""),)
-            if first != (False, flowing) or any(key and not constant for constant, key in rest):
+            args = planned.args
+            if not args or args[0] != (False, flowing) or any(key and not constant for constant, key in args[1:]):
                 return None
             nodes.append((planned.node, [getattr(self, key) if constant else None for constant, key in planned.args]))
             flowing = planned.node.outputs[0]

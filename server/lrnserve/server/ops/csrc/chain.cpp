@@ -1,8 +1,8 @@
 // A whole small network in one call: a straight chain of layers (convolution, max and average
 // pooling, ReLU, LRN, fully connected, softmax), float32, activations channels-last between
-// layers. At batch 1 cifar10_full's twelve layers cost about 300 us of per-call overhead through
-// torch (45 us per oneDNN convolution beside 26-53 us of kernel time, 10-20 us per other layer)
-// against about 150 us of arithmetic; onnxruntime ran it in 280 us. The program is made by
+// layers. At batch 1 cifar10_full took 420 us through torch layer by layer, its three oneDNN
+// convolutions 81 / 102 / 70 us each for 26 / 53 / 25 us of kernel time; as one call, 197 us
+// (onnxruntime: 280). The program is made by
 // lrnserve.server.models.chain, which checks every shape; this file only runs it.
 
 #include <cmath>
@@ -10,9 +10,7 @@
 #include <cstring>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "simd.h"
 
 extern "C" {
 int lrnserve_conv_nhwc(const float* x, const float* w, const float* b, float* y, float* padded, int64_t N,
@@ -35,7 +33,17 @@ struct Op {
 };
 static_assert(sizeof(Op) == 16 * sizeof(int64_t), "the Python side writes 16 int64s a layer");
 
-inline float relu(float v) { return (v > 0.0f || v != v) ? v : 0.0f; }
+// One axis of a pooling window: [begin, end) inside the input, and its length clipped to the
+// padded input instead.
+struct Window {
+  int64_t begin, end, padded;
+};
+
+inline Window window(int64_t out, int64_t stride, int64_t pad, int64_t kernel, int64_t extent) {
+  const int64_t start = out * stride - pad;
+  const int64_t stop = start + kernel < extent + pad ? start + kernel : extent + pad;
+  return {start > 0 ? start : 0, stop < extent ? stop : extent, stop - start};
+}
 
 // torch's AvgPool2d: each window's sum is over its part inside the input; its divisor is its
 // size clipped to the padded input (count_include_pad), or with op.flag set the part inside.
@@ -43,22 +51,15 @@ void avg_pool_nhwc(const float* x, float* y, int64_t N, const Op& op) {
   const int64_t C = op.C, H = op.H, W = op.W;
   for (int64_t n = 0; n < N; ++n)
     for (int64_t oh = 0; oh < op.OH; ++oh) {
-      int64_t h0 = oh * op.SH - op.PH;
-      int64_t h1 = h0 + op.KH < H + op.PH ? h0 + op.KH : H + op.PH;
-      const int64_t rows = h1 - h0;
-      h0 = h0 > 0 ? h0 : 0;
-      h1 = h1 < H ? h1 : H;
+      const Window r = window(oh, op.SH, op.PH, op.KH, H);
       for (int64_t ow = 0; ow < op.OW; ++ow) {
-        int64_t w0 = ow * op.SW - op.PW;
-        int64_t w1 = w0 + op.KW < W + op.PW ? w0 + op.KW : W + op.PW;
-        const int64_t cols = w1 - w0;
-        w0 = w0 > 0 ? w0 : 0;
-        w1 = w1 < W ? w1 : W;
-        const float divisor = static_cast<float>(op.flag ? (h1 - h0) * (w1 - w0) : rows * cols);
+        const Window q = window(ow, op.SW, op.PW, op.KW, W);
+        const int64_t inside = (r.end - r.begin) * (q.end - q.begin);
+        const float divisor = static_cast<float>(op.flag ? inside : r.padded * q.padded);
         float* out = y + ((n * op.OH + oh) * op.OW + ow) * C;
         for (int64_t c = 0; c < C; ++c) out[c] = 0.0f;
-        for (int64_t ih = h0; ih < h1; ++ih)
-          for (int64_t iw = w0; iw < w1; ++iw) {
+        for (int64_t ih = r.begin; ih < r.end; ++ih)
+          for (int64_t iw = q.begin; iw < q.end; ++iw) {
             const float* in = x + ((n * H + ih) * W + iw) * C;
             for (int64_t c = 0; c < C; ++c) out[c] += in[c];
           }
@@ -123,7 +124,7 @@ int lrnserve_chain_forward(const int64_t* program, int64_t count, const void* co
         avg_pool_nhwc(cur, out, N, op);
         break;
       case kRelu:
-        for (int64_t j = 0; j < N * op.C * op.H * op.W; ++j) cur[j] = relu(cur[j]);
+        for (int64_t j = 0; j < N * op.C * op.H * op.W; ++j) cur[j] = lrnserve::relu(cur[j]);
         out = cur;
         break;
       case kLrn: {

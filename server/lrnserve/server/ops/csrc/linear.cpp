@@ -61,7 +61,7 @@ inline void tile(const float* __restrict w, const float* __restrict x, int64_t K
     }
 }
 
-inline float activate(float v, bool relu) { return relu && !(v > 0.0f) ? (v != v ? v : 0.0f) : v; }
+inline float activate(float v, bool relu) { return relu ? lrnserve::relu(v) : v; }
 
 // R weight rows starting at output o0 against every sample: y[m, o0 + r].
 template <int R>

@@ -1,4 +1,5 @@
-// The SIMD vector the small CPU kernels share (linear.cpp, pool.cpp): GCC's vector extension,
+// The SIMD vector the small CPU kernels share (linear.cpp, pool.cpp, conv.cpp), and torch's ReLU
+// on one value (chain.cpp, linear.cpp): GCC's vector extension,
 // 16 floats where the build targets AVX-512, else 8 (the compiler lowers it to what the target
 // has). Part of the library's cache key (native.py), like the sources.
 
@@ -21,5 +22,8 @@ inline Vec load(const float* p) {
   std::memcpy(&v, p, sizeof v);  // unaligned load
   return v;
 }
+
+// torch.relu: negatives to 0, NaN stays.
+inline float relu(float v) { return (v > 0.0f || v != v) ? v : 0.0f; }
 
 }  // namespace lrnserve

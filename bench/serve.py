@@ -191,13 +191,16 @@ def echo_server() -> Iterator[str]:
     """bench/grpc_echo.py in a child process: the most any grpc.aio server answers here."""
     script = Path(__file__).resolve().parent / "grpc_echo.py"
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    target = ""
     try:
         assert proc.stdout is not None
         target = f"127.0.0.1:{int(proc.stdout.readline())}"
+        SERVER_PIDS[target] = proc.pid
         with grpc.insecure_channel(target) as channel:
             grpc.channel_ready_future(channel).result(timeout=30)
         yield target
     finally:
+        SERVER_PIDS.pop(target, None)
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
 

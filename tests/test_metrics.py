@@ -175,6 +175,65 @@ def test_latency_buckets_span_50us_to_30s(server: ServerThread) -> None:
     pytest.fail("no request duration histogram")
 
 
+def test_loop_series_expose_what_prometheus_clients_metrics_would() -> None:
+    """The server's lock-free request series against prometheus_client's own Counter, Gauge and
+    Histogram fed the same observations (values on bucket bounds included: le is inclusive)."""
+    import torch
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+    from prometheus_client.exposition import generate_latest
+
+    from lrnserve.server.metrics import LATENCY_BUCKETS, LoopSeries, Metrics
+    from lrnserve.server.work import BatchRecord
+
+    ours = CollectorRegistry()
+    metrics = Metrics(ours, {"m": torch.device("cpu")}, {"m": 8}, max_batch_size=8)
+    reference = CollectorRegistry()
+    requests = Counter("lrnserve_requests", "", ["model", "code"], registry=reference)
+    latency = {"buckets": LATENCY_BUCKETS, "registry": reference}
+    duration = Histogram("lrnserve_request_duration_seconds", "", ["model"], **latency)
+    queue = Histogram("lrnserve_queue_duration_seconds", "", ["model"], **latency)
+    sizes = Histogram("lrnserve_batch_size", "", ["model"], buckets=(1, 2, 4, 8), registry=reference)
+    inflight = Gauge("lrnserve_inflight_requests", "", registry=reference)
+    rng = np.random.default_rng(7)
+    seconds = [*LATENCY_BUCKETS, 0.0, 40.0, *(10.0 ** rng.uniform(-6, 2, 200))]
+    for i, value in enumerate(seconds):
+        code = "OK" if i % 3 else "INVALID_ARGUMENT"
+        metrics.request_started()
+        metrics.request_finished("m", code, float(value))
+        requests.labels("m", code).inc()
+        duration.labels("m").observe(float(value))
+    metrics.request_started()
+    inflight.set(1)
+    for samples in (1, 2, 3, 8, 9):
+        record = BatchRecord(samples, 2, 0.001, (samples * 1e-4, 0.5), failed=False)
+        metrics.record_batch("m", record)
+        sizes.labels("m").observe(samples)
+        for waited in record.queue_seconds:
+            queue.labels("m").observe(waited)
+
+    def samples_of(registry: CollectorRegistry, names: set[str]) -> dict[tuple[str, tuple[Any, ...]], float]:
+        found = {}
+        for family in text_string_to_metric_families(generate_latest(registry).decode()):
+            for sample in family.samples:
+                if family.name in names and not sample.name.endswith("_created"):
+                    found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+        return found
+
+    names = {
+        "lrnserve_requests",
+        "lrnserve_request_duration_seconds",
+        "lrnserve_queue_duration_seconds",
+        "lrnserve_batch_size",
+        "lrnserve_inflight_requests",
+    }
+    expected = samples_of(reference, names)
+    got = samples_of(ours, names)
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-12), key
+    assert isinstance(metrics.series, LoopSeries)
+
+
 def test_promtool_accepts_the_exposition(server: ServerThread) -> None:
     promtool = require("promtool")
     text = scrape(server.server.metrics_port)

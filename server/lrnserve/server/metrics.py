@@ -7,16 +7,20 @@ on compute time and device memory. Nothing is registered at import time.
 
 from __future__ import annotations
 
+import math
 import platform
-from collections.abc import Iterable, Iterator
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge, Info
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from lrnserve.client.version import __version__
 
@@ -58,12 +62,121 @@ class _DeviceMemory(Collector):
         yield family
 
 
+class _Histogram:
+    """One histogram series' bucket counts and sum, kept by the event loop thread alone."""
+
+    __slots__ = ("bounds", "counts", "les", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.les: tuple[str, ...] = tuple(floatToGoString(b) for b in (*bounds, math.inf))  # type: ignore[no-untyped-call]
+        self.counts = [0] * (len(bounds) + 1)  # the last: above every bound (+Inf)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # le is inclusive: value <= bound
+        self.total += value
+
+    def cumulative(self) -> tuple[list[tuple[str, float]], float]:
+        counts, total = list(self.counts), self.total  # copies taken under the GIL: one moment
+        buckets: list[tuple[str, float]] = []
+        running = 0
+        for le, count in zip(self.les, counts, strict=True):
+            running += count
+            buckets.append((le, running))
+        return buckets, total
+
+
+class LoopSeries(Collector):
+    """The series every request or batch updates, kept as plain numbers by the event loop thread
+    and turned into metric families when Prometheus scrapes.
+
+    Why not prometheus_client's own metrics: each of their updates takes a lock, and a small
+    request made about a dozen (in flight up and down, the request counter, three histograms of
+    two values each, the queue depth at every change): 8 % of the server's event loop thread at
+    [1,16,8,8] (bench/serve.py with metrics on and off). Here an update is an addition.
+
+    Contract: updated on the event loop thread only, except ``calls`` (an assignment, from any
+    thread); ``collect`` runs on the metrics endpoint's thread and copies each value under the
+    GIL, so a scrape sees every histogram's buckets, count and sum from one moment.
+    """
+
+    def __init__(self, max_batch_size: int) -> None:
+        self.batch_buckets = batch_size_buckets(max_batch_size)
+        self.requests: dict[tuple[str, str], int] = {}  # (model, code) -> count
+        self.request_duration: dict[str, _Histogram] = {}
+        self.queue_duration: dict[str, _Histogram] = {}
+        self.compute_duration: dict[tuple[str, str], _Histogram] = {}  # (model, device)
+        self.batch_size: dict[str, _Histogram] = {}
+        self.queue_depth: dict[str, int] = {}
+        self.inflight = 0
+        self.calls = 0
+
+    def add_model(self, model: str, device: torch.device) -> _Histogram:
+        """A served model's series, at zero; returns its compute-duration series."""
+        self.requests.setdefault((model, "OK"), 0)
+        self.request_duration.setdefault(model, _Histogram(LATENCY_BUCKETS))
+        self.queue_duration.setdefault(model, _Histogram(LATENCY_BUCKETS))
+        self.batch_size.setdefault(model, _Histogram(self.batch_buckets))
+        self.queue_depth.setdefault(model, 0)
+        return self.compute_duration.setdefault((model, str(device)), _Histogram(LATENCY_BUCKETS))
+
+    def describe(self) -> Iterator[Metric]:
+        return self.collect()
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "lrnserve_requests", "ModelInfer requests by gRPC status code.", labels=["model", "code"]
+        )
+        for (model, code), count in list(self.requests.items()):
+            requests.add_metric([model, code], count)
+        yield requests
+        histograms: tuple[tuple[str, str, list[str], Mapping[Any, _Histogram]], ...] = (
+            (
+                "lrnserve_request_duration_seconds",
+                "Server-side time from receiving a ModelInfer call to answering it.",
+                ["model"],
+                self.request_duration,
+            ),
+            (
+                "lrnserve_queue_duration_seconds",
+                "Time a request waited in its model's queue before its batch started.",
+                ["model"],
+                self.queue_duration,
+            ),
+            (
+                "lrnserve_compute_duration_seconds",
+                "Time to execute one batch, host-to-device and device-to-host copies included.",
+                ["model", "device"],
+                self.compute_duration,
+            ),
+            ("lrnserve_batch_size", "Samples per executed batch.", ["model"], self.batch_size),
+        )
+        for name, documentation, labels, series in histograms:
+            family = HistogramMetricFamily(name, documentation, labels=labels)
+            for key, histogram in list(series.items()):
+                buckets, total = histogram.cumulative()
+                family.add_metric(list(key) if isinstance(key, tuple) else [key], buckets, total)
+            yield family
+        yield GaugeMetricFamily("lrnserve_inflight_requests", "ModelInfer requests being handled now.", self.inflight)
+        yield GaugeMetricFamily(
+            "lrnserve_calls_in_progress",
+            "Inference calls begun and not yet ended, including those whose request is still arriving.",
+            self.calls,
+        )
+        depth = GaugeMetricFamily("lrnserve_queue_depth", "Requests waiting in the model's queue.", labels=["model"])
+        for model, value in list(self.queue_depth.items()):
+            depth.add_metric([model], value)
+        yield depth
+
+
 class Metrics:
     """The Prometheus side of telemetry: every metric, registered on ``registry`` at start-up.
 
-    Contract: only ``Telemetry`` records into it (prometheus_client's metrics take their own
-    locks); the served models and their devices are known up front, so every model's series
-    exist from the first scrape.
+    Contract: only ``Telemetry`` records into it, on the event loop thread (``calls_in_progress``
+    from any); the series each request or batch updates are ``LoopSeries`` tallies, the rest
+    prometheus_client's metrics. The served models and their devices are known up front, so
+    every model's series exist from the first scrape.
     """
 
     def __init__(
@@ -75,37 +188,8 @@ class Metrics:
     ) -> None:
         """``models``: each served model's device; ``queue_capacity``: its max_queue_size."""
         self.registry = registry
-        self.request_duration = Histogram(
-            "lrnserve_request_duration_seconds",
-            "Server-side time from receiving a ModelInfer call to answering it.",
-            ["model"],
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.queue_duration = Histogram(
-            "lrnserve_queue_duration_seconds",
-            "Time a request waited in its model's queue before its batch started.",
-            ["model"],
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.compute_duration = Histogram(
-            "lrnserve_compute_duration_seconds",
-            "Time to execute one batch, host-to-device and device-to-host copies included.",
-            ["model", "device"],
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.batch_size = Histogram(
-            "lrnserve_batch_size",
-            "Samples per executed batch.",
-            ["model"],
-            buckets=batch_size_buckets(max_batch_size),
-            registry=registry,
-        )
-        self.requests = Counter(
-            "lrnserve_requests", "ModelInfer requests by gRPC status code.", ["model", "code"], registry=registry
-        )
+        self.series = LoopSeries(max_batch_size)
+        registry.register(self.series)
         self.expired = Counter(
             "lrnserve_expired_requests",
             "Requests dropped before compute because their deadline passed in the queue.",
@@ -121,15 +205,6 @@ class Metrics:
         )
         self.auth_failures = Counter(
             "lrnserve_auth_failures", "Calls refused for a missing or wrong bearer token.", registry=registry
-        )
-        self.inflight = Gauge("lrnserve_inflight_requests", "ModelInfer requests being handled now.", registry=registry)
-        self.calls = Gauge(
-            "lrnserve_calls_in_progress",
-            "Inference calls begun and not yet ended, including those whose request is still arriving.",
-            registry=registry,
-        )
-        self.queue_depth = Gauge(
-            "lrnserve_queue_depth", "Requests waiting in the model's queue.", ["model"], registry=registry
         )
         self.queue_capacity = Gauge(
             "lrnserve_queue_capacity",
@@ -174,10 +249,8 @@ class Metrics:
         GCCollector(registry=registry)
         # labels() costs a lock and a tuple per call; the children never change, so keep them.
         # Every served model's series exist from the start, so rates and ratios are defined at once.
-        self._counters: dict[tuple[str, str], Counter] = {}
-        self._durations: dict[str, Histogram] = {}
-        self._batches: dict[str, tuple[Histogram, Histogram, Histogram]] = {}
-        self._depths: dict[str, Gauge] = {}
+        self._models: set[str] = set()
+        self._compute: dict[str, _Histogram] = {}  # each model's compute series (its device's)
         self._expired: dict[str, Counter] = {}
         self._abandoned: dict[str, Counter] = {}
         for model, device in models.items():
@@ -185,19 +258,12 @@ class Metrics:
 
     def add_model(self, model: str, device: torch.device, queue_capacity: int) -> None:
         """Every series of one served model (at start-up, or when model control loads it)."""
-        if model in self._durations:
+        if model in self._models:
             return
-        self._durations[model] = self.request_duration.labels(model)
-        self._batches[model] = (
-            self.batch_size.labels(model),
-            self.compute_duration.labels(model, str(device)),
-            self.queue_duration.labels(model),
-        )
-        self._depths[model] = self.queue_depth.labels(model)
-        self._depths[model].set(0)
+        self._models.add(model)
+        self._compute[model] = self.series.add_model(model, device)
         self._expired[model] = self.expired.labels(model)
         self._abandoned[model] = self.abandoned.labels(model)
-        self._counters[(model, "OK")] = self.requests.labels(model, "OK")
         self.queue_capacity.labels(model).set(queue_capacity)
 
     def record_model_state(self, model: str, version: str, state: str, failed: bool) -> None:
@@ -212,18 +278,24 @@ class Metrics:
         if failed:
             self.model_load_failures.labels(model).inc()
 
-    def record_request(self, model: str, code: str, seconds: float) -> None:
-        counter = self._counters.get((model, code))
-        if counter is None:
-            counter = self._counters[(model, code)] = self.requests.labels(model, code)
-        counter.inc()
-        duration = self._durations.get(model)
+    def request_started(self) -> None:
+        self.series.inflight += 1
+
+    def request_finished(self, model: str, code: str, seconds: float) -> None:
+        series = self.series
+        series.inflight -= 1
+        key = (model, code)
+        series.requests[key] = series.requests.get(key, 0) + 1
+        duration = series.request_duration.get(model)
         if duration is None:  # requests for models not served ("_unknown")
-            duration = self._durations[model] = self.request_duration.labels(model)
+            duration = series.request_duration[model] = _Histogram(LATENCY_BUCKETS)
         duration.observe(seconds)
 
+    def calls_in_progress(self, count: int) -> None:
+        self.series.calls = count
+
     def record_queue_depth(self, model: str, depth: int) -> None:
-        self._depths[model].set(depth)
+        self.series.queue_depth[model] = depth
 
     def record_expired(self, model: str) -> None:
         self._expired[model].inc()
@@ -233,8 +305,9 @@ class Metrics:
             self._abandoned[model].inc()
         if record.failed:
             return
-        batch_size, compute, queue = self._batches[model]
-        batch_size.observe(record.samples)
-        compute.observe(record.compute_seconds)
+        series = self.series
+        series.batch_size[model].observe(record.samples)
+        self._compute[model].observe(record.compute_seconds)
+        queue = series.queue_duration[model]
         for waited in record.queue_seconds:
             queue.observe(waited)

@@ -164,7 +164,16 @@ class LRNServable(Servable):
     def check_sample_shape(self, shape: tuple[int, ...]) -> str | None:
         return None
 
+    _defaults: Resolved | None = None  # what a request without parameters resolves to
+
     def resolve(self, parameters: Mapping[str, ParameterValue]) -> Resolved:
+        if parameters:
+            return self._resolve(parameters)
+        if self._defaults is None:  # the configured defaults, checked once
+            self._defaults = self._resolve(parameters)
+        return self._defaults
+
+    def _resolve(self, parameters: Mapping[str, ParameterValue]) -> Resolved:
         self._unknown_parameters(parameters)
         p = self.config.lrn
         try:

@@ -84,7 +84,7 @@ class Telemetry:
 
     def request_started(self) -> None:
         if self.metrics is not None:
-            self.metrics.inflight.inc()
+            self.metrics.request_started()
 
     def request_finished(self, model: str, code: grpc.StatusCode, seconds: float, version: str | None = None) -> None:
         """A request ended; ``version``: the one routed to (None when routing failed: counted in
@@ -93,14 +93,13 @@ class Telemetry:
         if version is not None:
             self._statistics.record_request(label, version, code == grpc.StatusCode.OK, seconds)
         if self.metrics is not None:
-            self.metrics.inflight.dec()
-            self.metrics.record_request(label, code.name, seconds)
+            self.metrics.request_finished(label, code.name, seconds)
 
     def calls_in_progress(self, count: int) -> None:
         """Inference-service calls begun and not yet ended, their message possibly still arriving
         (from any thread: the last reference to a call may go on gRPC's)."""
         if self.metrics is not None:
-            self.metrics.calls.set(count)
+            self.metrics.calls_in_progress(count)
 
     def auth_rejected(self) -> None:
         if self.metrics is not None:

@@ -84,14 +84,15 @@ def request_from_wire(
                 parameters=parameters_from_proto(tensor.parameters) if tensor.parameters else {},
             )
         )
+    outputs = message.outputs
     return InferenceRequest(
         model=message.model_name,
         version=message.model_version,
         id=message.id,
         inputs=tuple(inputs),
-        parameters=parameters_from_proto(message.parameters),
-        requested_outputs=tuple(output.name for output in message.outputs),
-        output_parameters=tuple(parameters_from_proto(output.parameters) for output in message.outputs),
+        parameters=parameters_from_proto(message.parameters) if message.parameters else {},
+        requested_outputs=tuple(output.name for output in outputs) if outputs else (),
+        output_parameters=tuple(parameters_from_proto(output.parameters) for output in outputs) if outputs else (),
         time_remaining=time_remaining,
         raw_count=len(raw),
         started=wire.received if wire.received is not None else None if call is None else call.started,

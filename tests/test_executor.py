@@ -17,7 +17,7 @@ from harness import ServerThread, infer_request, output_array, settings, stub
 
 from lrnserve.server.errors import ResourceExhausted
 from lrnserve.server.executor import Executor, instance_layout
-from lrnserve.server.ops import local_response_norm
+from lrnserve.server.ops import local_response_norm, native
 from lrnserve.server.servables import LRNServable, NetworkServable, create_servable
 from lrnserve.server.settings import ModelConfig
 from lrnserve.server.work import Abandonment, BatchAbandoned, BatchResult, Work
@@ -138,6 +138,74 @@ def run_batch(executor: Executor, items: Sequence[Work]) -> BatchResult:
 def as_array(output: object, shape: tuple[int, ...]) -> np.ndarray:
     assert isinstance(output, (bytes, memoryview)), output
     return np.frombuffer(bytes(output), np.float32).reshape(shape)
+
+
+class WhereComputed(LRNServable):
+    """The LRN op, recording the thread that computes each batch; ``raw``: whether it has the
+    torch-free path (the fused kernel) at all."""
+
+    def __init__(self, raw: bool = True) -> None:
+        super().__init__(ModelConfig(name="lrn", kind="lrn"))
+        self.load(CPU)
+        self.raw = raw
+        self.threads_seen: list[str] = []
+
+    def run(
+        self, group: Hashable, x: torch.Tensor, scalars: Mapping[str, torch.Tensor], abandonment: object = None
+    ) -> torch.Tensor:
+        self.threads_seen.append(threading.current_thread().name)
+        return super().run(group, x, scalars)
+
+    def run_raw(
+        self,
+        group: Hashable,
+        parts: Sequence[np.ndarray],
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        scalars: Mapping[str, np.ndarray],
+    ) -> np.ndarray | None:
+        if not self.raw:
+            return None
+        self.threads_seen.append(threading.current_thread().name)
+        return super().run_raw(group, parts, shape, dtype, scalars)
+
+
+@pytest.mark.parametrize(
+    ("requests", "shape", "size", "raw", "where"),
+    [
+        (3, (1, 16, 8, 8), 5, True, "event loop"),  # 3072 elements: computed where submitted
+        (16, (1, 16, 8, 8), 5, True, "event loop"),  # 16384, the limit
+        (4, (1, 16, 8, 8), 9, True, "event loop"),  # 9 window additions per element
+        (1, (1, 16, 8, 8), 5, True, "instance"),  # a lone request: to the instance
+        (17, (1, 16, 8, 8), 5, True, "instance"),  # past the limit
+        (2, (1, 96, 13, 13), 5, True, "instance"),  # 32448 elements: the kernel would run in parallel
+        (2, (1, 1024, 2, 2), 1024, True, "instance"),  # few elements, but 1024 additions each
+        (3, (1, 16, 8, 8), 5, False, "instance"),  # no torch-free path: torch runs on the instance
+    ],
+)
+def test_small_batches_compute_on_the_event_loop_others_on_an_instance(
+    requests: int, shape: tuple[int, ...], size: int, raw: bool, where: str
+) -> None:
+    if raw and native.kernel() is None:
+        pytest.skip("the fused kernel did not build here")
+    servable = WhereComputed(raw)
+    executor = Executor(servable, CPU, instances=1, threads=2)
+    rng = np.random.default_rng(requests)
+    xs = [(rng.standard_normal(shape) * 4).astype(np.float32) for _ in range(requests)]
+    alphas = [1e-4 * (i + 1) for i in range(requests)]
+    items = []
+    for x, alpha in zip(xs, alphas, strict=True):
+        scalars = {"alpha": alpha, "beta": 0.75, "k": 1.0}
+        items.append(Work(x.view(np.uint8).reshape(-1), x.shape, torch.float32, ("across", size), scalars))
+    try:
+        result = run_batch(executor, items)
+    finally:
+        executor.close()
+    expected_thread = threading.main_thread().name if where == "event loop" else "lrnserve-lrn_0"
+    assert servable.threads_seen == [expected_thread]
+    for output, x, alpha in zip(result.outputs, xs, alphas, strict=True):
+        expected = local_response_norm(torch.from_numpy(x), size, alpha, 0.75, 1.0).numpy()
+        np.testing.assert_allclose(as_array(output, x.shape), expected, rtol=1e-6, atol=1e-7)
 
 
 class TightMemory(LRNServable):

@@ -13,7 +13,10 @@ the machine (bench/serve.py --instances/--threads measures layouts).
 The batcher hands a thread a batch with ``submit`` and gets the result back on
 its event loop through one ``call_soon_threadsafe`` (no per-batch futures or
 executor bookkeeping: on small requests the hand-off is a large part of a
-batch's cost).
+batch's cost). A batch of several requests so small that the hand-off would cost
+more than the compute (``Servable.cheap``: LRN batches up to 16384 elements) is
+computed by ``submit`` itself, on the event loop thread, through the servable's
+torch-free path.
 
 On the CPU a servable may take the requests' bytes as they are
 (``Servable.run_raw``: the LRN op, which needs no torch call and no gathering
@@ -61,6 +64,12 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 _Job = tuple[list[Work], asyncio.AbstractEventLoop, Done, Abandonment]
+
+
+class _NoRawPath(Exception):
+    """The servable computes this batch through torch only (``Executor._run_inline``)."""
+
+
 CUDA_INSTANCES = 2  # default instances (streams) of a model on CUDA
 # Pinned staging memory an executor on CUDA keeps between batches: an AlexNet batch of 128 images
 # is 75 MiB in; an LRN batch of 32 x [96, 55, 55] 35 MiB each way.
@@ -131,8 +140,36 @@ class Executor:
 
     def submit(self, items: Sequence[Work], done: Done, abandonment: Abandonment | None = None) -> None:
         """Compute ``items`` as one batch on a free instance; ``done`` gets the result (or the
-        exception) on the calling thread's event loop."""
-        self._jobs.put((list(items), asyncio.get_running_loop(), done, abandonment or Abandonment()))
+        exception) on the calling thread's event loop. A batch too small to be worth the hand-off
+        is computed here, on the event loop thread (``Servable.cheap``)."""
+        loop = asyncio.get_running_loop()
+        abandonment = abandonment or Abandonment()
+        if len(items) > 1 and self._cheap(items):
+            try:
+                result = self._run_inline(list(items), abandonment)
+            except BaseException as exc:  # KeyboardInterrupt, SystemExit: the batch fails with it
+                loop.call_soon(done, exc)
+                raise
+            if result is not None:
+                loop.call_soon(done, result)
+                return
+        self._jobs.put((list(items), loop, done, abandonment))
+
+    def _cheap(self, items: Sequence[Work]) -> bool:
+        first = items[0]
+        shape = (sum(w.samples for w in items), *first.shape[1:])
+        return self.staging is None and self._servable.cheap(shape, first.model_group)
+
+    def _run_inline(self, items: list[Work], abandonment: Abandonment) -> BatchResult | Exception | None:
+        """The batch through the servable's torch-free path on the calling thread (split in halves
+        when memory runs out, as on an instance); None where the servable has no such path for
+        it (the batch then goes to an instance)."""
+        try:
+            return self._run(items, abandonment, raw_only=True)
+        except _NoRawPath:
+            return None
+        except Exception as exc:  # the batcher turns it into each request's error
+            return exc
 
     def close(self, wait: bool = True) -> None:
         """Let the instance threads end once the batches already submitted are done."""
@@ -168,16 +205,18 @@ class Executor:
             # Waiting for the next batch must not keep this one's requests and output alive.
             del job, items, done, abandonment, result
 
-    def _run(self, items: list[Work], abandonment: Abandonment) -> BatchResult:
+    def _run(self, items: list[Work], abandonment: Abandonment, raw_only: bool = False) -> BatchResult:
         start = time.perf_counter()
-        outputs = self._run_items(items, abandonment)
+        outputs = self._run_items(items, abandonment, raw_only)
         return BatchResult(outputs, time.perf_counter() - start)
 
-    def _run_items(self, items: list[Work], abandonment: Abandonment) -> list[Output | ServingError]:
+    def _run_items(
+        self, items: list[Work], abandonment: Abandonment, raw_only: bool = False
+    ) -> list[Output | ServingError]:
         """Compute ``items`` as one batch; when memory runs out (device or host), in halves,
         down to single samples, so that only a request that cannot fit at all fails."""
         try:
-            outputs: list[Output | ServingError] = list(self._compute(items, abandonment))
+            outputs: list[Output | ServingError] = list(self._compute(items, abandonment, raw_only))
             return outputs
         except Exception as exc:
             if not is_out_of_memory(exc):
@@ -188,7 +227,9 @@ class Executor:
         if len(items) > 1:
             half = len(items) // 2
             logger.warning("%s: out of memory at %d samples; retrying in halves", self._servable.name, samples)
-            return self._run_items(items[:half], abandonment) + self._run_items(items[half:], abandonment)
+            return self._run_items(items[:half], abandonment, raw_only) + self._run_items(
+                items[half:], abandonment, raw_only
+            )
         (work,) = items
         if work.samples == 1:
             return [
@@ -197,7 +238,7 @@ class Executor:
                     f"{list(work.shape[1:])}"
                 )
             ]
-        parts = [self._run_items([part], abandonment)[0] for part in work.halves()]
+        parts = [self._run_items([part], abandonment, raw_only)[0] for part in work.halves()]
         for part in parts:
             if isinstance(part, ServingError):
                 return [part]
@@ -206,7 +247,8 @@ class Executor:
         except MemoryError:
             return [ResourceExhausted(f"model '{self._servable.name}': out of memory joining the output")]
 
-    def _compute(self, items: list[Work], abandonment: Abandonment) -> list[Output]:
+    def _compute(self, items: list[Work], abandonment: Abandonment, raw_only: bool = False) -> list[Output]:
+        """``raw_only``: raise ``_NoRawPath`` rather than compute through torch."""
         if abandonment.abandoned:
             raise BatchAbandoned
         first = items[0]
@@ -214,14 +256,23 @@ class Executor:
         scalars = {name: self._per_sample(items, name) for name in first.scalars}
         if self.staging is not None:
             return self._compute_staged(items, shape, scalars, abandonment)
-        parts = [w.payload for w in items]
-        out = self._servable.run_raw(first.model_group, parts, shape, first.dtype, scalars)
-        if out is not None:
-            return self._cut(items, shape, memoryview(out))  # type: ignore[arg-type]
+        outputs = self._compute_raw(items, shape, scalars)
+        if outputs is not None:
+            return outputs
+        if raw_only:
+            raise _NoRawPath
         # One request: its own bytes (models only read their input); several: one copy each.
-        raw = first.payload if len(items) == 1 else np.concatenate(parts)
+        raw = first.payload if len(items) == 1 else np.concatenate([w.payload for w in items])
         x = torch.frombuffer(raw, dtype=first.dtype).view(shape)
         return self._split(items, shape, self._servable.run(first.model_group, x, self._tensors(scalars), abandonment))
+
+    def _compute_raw(
+        self, items: list[Work], shape: tuple[int, ...], scalars: dict[str, np.ndarray]
+    ) -> list[Output] | None:
+        """The batch through ``Servable.run_raw`` (no torch call); None where the servable cannot."""
+        first = items[0]
+        out = self._servable.run_raw(first.model_group, [w.payload for w in items], shape, first.dtype, scalars)
+        return None if out is None else self._cut(items, shape, memoryview(out))  # type: ignore[arg-type]
 
     @staticmethod
     def _gather(items: list[Work], flat: np.ndarray) -> None:

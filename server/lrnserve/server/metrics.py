@@ -8,9 +8,11 @@ on compute time and device memory. Nothing is registered at import time.
 from __future__ import annotations
 
 import math
+import os
 import platform
+import time
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -20,6 +22,7 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 from lrnserve.client.version import __version__
@@ -65,10 +68,11 @@ class _DeviceMemory(Collector):
 class _Histogram:
     """One histogram series' bucket counts and sum, kept by the event loop thread alone."""
 
-    __slots__ = ("bounds", "counts", "les", "total")
+    __slots__ = ("bounds", "counts", "created", "les", "total")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
+        self.created = time.time()
         self.les: tuple[str, ...] = tuple(floatToGoString(b) for b in (*bounds, math.inf))  # type: ignore[no-untyped-call]
         self.counts = [0] * (len(bounds) + 1)  # the last: above every bound (+Inf)
         self.total = 0.0
@@ -78,7 +82,7 @@ class _Histogram:
         self.total += value
 
     def cumulative(self) -> tuple[list[tuple[str, float]], float]:
-        counts, total = list(self.counts), self.total  # copies taken under the GIL: one moment
+        counts, total = list(self.counts), self.total  # the counts from one moment (the list copied under the GIL)
         buckets: list[tuple[str, float]] = []
         running = 0
         for le, count in zip(self.les, counts, strict=True):
@@ -97,13 +101,18 @@ class LoopSeries(Collector):
     [1,16,8,8] (bench/serve.py with metrics on and off). Here an update is an addition.
 
     Contract: updated on the event loop thread only, except ``calls`` (an assignment, from any
-    thread); ``collect`` runs on the metrics endpoint's thread and copies each value under the
-    GIL, so a scrape sees every histogram's buckets, count and sum from one moment.
+    thread); ``collect`` runs on the metrics endpoint's thread and copies each table and each
+    histogram's counts under the GIL (a copy allocates nothing per entry, so nothing can switch
+    threads in the middle): a histogram's buckets and count are from one moment (its sum may lag
+    or lead them by one observation), and a series added meanwhile is in the next scrape.
     """
 
     def __init__(self, max_batch_size: int) -> None:
         self.batch_buckets = batch_size_buckets(max_batch_size)
+        # The "_created" samples, unless turned off as for prometheus_client's own metrics.
+        self.created_series = os.environ.get("PROMETHEUS_DISABLE_CREATED_SERIES", "").lower() not in ("true", "1", "t")
         self.requests: dict[tuple[str, str], int] = {}  # (model, code) -> count
+        self.requests_created: dict[tuple[str, str], float] = {}  # (model, code) -> time.time() of the first
         self.request_duration: dict[str, _Histogram] = {}
         self.queue_duration: dict[str, _Histogram] = {}
         self.compute_duration: dict[tuple[str, str], _Histogram] = {}  # (model, device)
@@ -114,12 +123,20 @@ class LoopSeries(Collector):
 
     def add_model(self, model: str, device: torch.device) -> _Histogram:
         """A served model's series, at zero; returns its compute-duration series."""
-        self.requests.setdefault((model, "OK"), 0)
+        self.count_request(model, "OK", 0)
         self.request_duration.setdefault(model, _Histogram(LATENCY_BUCKETS))
         self.queue_duration.setdefault(model, _Histogram(LATENCY_BUCKETS))
         self.batch_size.setdefault(model, _Histogram(self.batch_buckets))
         self.queue_depth.setdefault(model, 0)
         return self.compute_duration.setdefault((model, str(device)), _Histogram(LATENCY_BUCKETS))
+
+    def count_request(self, model: str, code: str, add: int = 1) -> None:
+        key = (model, code)
+        count = self.requests.get(key)
+        if count is None:
+            self.requests_created[key] = time.time()
+            count = 0
+        self.requests[key] = count + add
 
     def describe(self) -> Iterator[Metric]:
         return self.collect()
@@ -128,10 +145,11 @@ class LoopSeries(Collector):
         requests = CounterMetricFamily(
             "lrnserve_requests", "ModelInfer requests by gRPC status code.", labels=["model", "code"]
         )
-        for (model, code), count in list(self.requests.items()):
-            requests.add_metric([model, code], count)
+        created = self.requests_created.copy()
+        for (model, code), count in self.requests.copy().items():
+            requests.add_metric([model, code], count, created.get((model, code)) if self.created_series else None)
         yield requests
-        histograms: tuple[tuple[str, str, list[str], Mapping[Any, _Histogram]], ...] = (
+        histograms: tuple[tuple[str, str, list[str], dict[Any, _Histogram]], ...] = (
             (
                 "lrnserve_request_duration_seconds",
                 "Server-side time from receiving a ModelInfer call to answering it.",
@@ -154,9 +172,14 @@ class LoopSeries(Collector):
         )
         for name, documentation, labels, series in histograms:
             family = HistogramMetricFamily(name, documentation, labels=labels)
-            for key, histogram in list(series.items()):
+            for key, histogram in series.copy().items():
                 buckets, total = histogram.cumulative()
-                family.add_metric(list(key) if isinstance(key, tuple) else [key], buckets, total)
+                values = list(key) if isinstance(key, tuple) else [key]
+                family.add_metric(values, buckets, total)
+                if self.created_series:  # as prometheus_client's own histograms have it
+                    family.samples.append(
+                        Sample(f"{name}_created", dict(zip(labels, values, strict=True)), histogram.created)
+                    )
             yield family
         yield GaugeMetricFamily("lrnserve_inflight_requests", "ModelInfer requests being handled now.", self.inflight)
         yield GaugeMetricFamily(
@@ -165,7 +188,7 @@ class LoopSeries(Collector):
             self.calls,
         )
         depth = GaugeMetricFamily("lrnserve_queue_depth", "Requests waiting in the model's queue.", labels=["model"])
-        for model, value in list(self.queue_depth.items()):
+        for model, value in self.queue_depth.copy().items():
             depth.add_metric([model], value)
         yield depth
 
@@ -284,8 +307,7 @@ class Metrics:
     def request_finished(self, model: str, code: str, seconds: float) -> None:
         series = self.series
         series.inflight -= 1
-        key = (model, code)
-        series.requests[key] = series.requests.get(key, 0) + 1
+        series.count_request(model, code)
         duration = series.request_duration.get(model)
         if duration is None:  # requests for models not served ("_unknown")
             duration = series.request_duration[model] = _Histogram(LATENCY_BUCKETS)

@@ -10,6 +10,7 @@ parameter names, types and ranges) and says which requests may share a batch
 from __future__ import annotations
 
 import logging
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,6 +39,16 @@ logger = logging.getLogger(__name__)
 
 PLATFORM = "pytorch"
 FLOAT_DATATYPES = tuple(name for name, d in DATATYPES.items() if getattr(torch, d.torch).is_floating_point)
+# LRN batches computed on the event loop thread (``Servable.cheap``). Measured on the 2-core
+# machine: the hand-off of a batch to an instance thread and back cost that thread 75-180 us of
+# CPU per batch (mostly taking the GIL from the busy event loop thread), while the kernel took 40
+# us for 8 x [16, 8, 8] and 75 / 158 us (across / within) for 32 x [16, 8, 8]. At most 16384
+# elements: below the kernel's threshold for running in parallel (32768, csrc/lrn.cpp), so an
+# inline batch runs on the event loop thread alone and never starts a thread team there; and at
+# most 16 window additions per element on average (the size-5 windows of the LRN layers are 5
+# across, 10 within), so a large ``size`` cannot hold the event loop.
+INLINE_ELEMENTS = 16384
+INLINE_WINDOW_TERMS = 16 * INLINE_ELEMENTS
 
 
 @dataclass(frozen=True)
@@ -91,6 +102,13 @@ class Servable(ABC):
     def check_cost(self, shape: tuple[int, ...], resolved: Resolved) -> str | None:
         """Why computing this request would take unreasonably long, or None."""
         return None
+
+    def cheap(self, shape: tuple[int, ...], group: Hashable) -> bool:
+        """Whether a batch of ``shape`` costs less to compute than to hand to an instance thread
+        and back: the executor then computes a batch of several requests with ``run_raw`` on the
+        event loop thread. Only for a batch ``run_raw`` computes on the calling thread alone, in
+        microseconds."""
+        return False
 
     def default_cpu_instances(self, cores: int) -> int:
         """Instances to run on a CPU of ``cores`` threads when the configuration leaves it open."""
@@ -187,21 +205,33 @@ class LRNServable(Servable):
             raise InvalidArgument(str(exc)) from None
         return Resolved(group=(mode, size), scalars=scalars)
 
-    def check_cost(self, shape: tuple[int, ...], resolved: Resolved) -> str | None:
-        mode, size = cast(tuple[Mode, int], resolved.group)
+    @staticmethod
+    def window_terms(shape: tuple[int, ...], group: Hashable) -> int:
+        """Window additions a tensor of ``shape`` costs; windows are clipped to the tensor."""
+        mode, size = cast(tuple[Mode, int], group)
 
         def clipped(extent: int) -> int:
             return min(size // 2, extent - 1) + min((size - 1) // 2, extent - 1) + 1
 
         n, c, h, w = shape
-        per_element = clipped(c) if mode == "across" else clipped(h) + clipped(w)
-        terms = n * c * h * w * per_element
+        return n * c * h * w * (clipped(c) if mode == "across" else clipped(h) + clipped(w))
+
+    def check_cost(self, shape: tuple[int, ...], resolved: Resolved) -> str | None:
+        mode, size = cast(tuple[Mode, int], resolved.group)
+        terms = self.window_terms(shape, resolved.group)
         if terms > self.max_window_terms:
             return (
                 f"parameters.size: a {mode} window of {size} over {list(shape)} needs {terms:.3g} additions, "
                 f"over the limit of {self.max_window_terms:.3g} per request; use a smaller size or tensor"
             )
         return None
+
+    def cheap(self, shape: tuple[int, ...], group: Hashable) -> bool:
+        return (
+            self._kernel is not None
+            and math.prod(shape) <= INLINE_ELEMENTS
+            and self.window_terms(shape, group) <= INLINE_WINDOW_TERMS
+        )
 
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
         return input_shape

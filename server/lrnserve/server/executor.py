@@ -253,7 +253,7 @@ class Executor:
             raise BatchAbandoned
         first = items[0]
         shape = (sum(w.samples for w in items), *first.shape[1:])
-        scalars = {name: self._per_sample(items, name) for name in first.scalars}
+        scalars = self._per_sample(items, shape[0])
         if self.staging is not None:
             return self._compute_staged(items, shape, scalars, abandonment)
         outputs = self._compute_raw(items, shape, scalars)
@@ -298,12 +298,18 @@ class Executor:
         return outputs
 
     @staticmethod
-    def _per_sample(items: list[Work], name: str) -> np.ndarray:
-        """One float64 value per sample of the batch: each request's value, repeated."""
-        values = np.array([w.scalars[name] for w in items], dtype=np.float64)
-        if all(w.samples == 1 for w in items):
-            return values
-        return np.repeat(values, [w.samples for w in items])
+    def _per_sample(items: list[Work], samples: int) -> dict[str, np.ndarray]:
+        """Each scalar as one float64 value per sample of the batch: each request's value, repeated."""
+        first = items[0].scalars
+        if all(w.scalars is first for w in items):  # one set of values (e.g. every request's defaults)
+            return {name: np.full(samples, value, dtype=np.float64) for name, value in first.items()}
+        scalars = {}
+        for name in first:
+            values = np.array([w.scalars[name] for w in items], dtype=np.float64)
+            if not all(w.samples == 1 for w in items):
+                values = np.repeat(values, [w.samples for w in items])
+            scalars[name] = values
+        return scalars
 
     @staticmethod
     def _tensors(scalars: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:

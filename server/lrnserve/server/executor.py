@@ -303,12 +303,11 @@ class Executor:
         first = items[0].scalars
         if all(w.scalars is first for w in items):  # one set of values (e.g. every request's defaults)
             return {name: np.full(samples, value, dtype=np.float64) for name, value in first.items()}
+        repeats = None if all(w.samples == 1 for w in items) else [w.samples for w in items]
         scalars = {}
         for name in first:
             values = np.array([w.scalars[name] for w in items], dtype=np.float64)
-            if not all(w.samples == 1 for w in items):
-                values = np.repeat(values, [w.samples for w in items])
-            scalars[name] = values
+            scalars[name] = values if repeats is None else np.repeat(values, repeats)
         return scalars
 
     @staticmethod

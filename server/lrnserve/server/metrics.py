@@ -97,8 +97,9 @@ class LoopSeries(Collector):
 
     Why not prometheus_client's own metrics: each of their updates takes a lock, and a small
     request made about a dozen (in flight up and down, the request counter, three histograms of
-    two values each, the queue depth at every change): 8 % of the server's event loop thread at
-    [1,16,8,8] (bench/serve.py with metrics on and off). Here an update is an addition.
+    two values each, the queue depth at every change): the event loop thread's CPU per [1,16,8,8]
+    request under load at concurrency 16 was 309 us with them and 285 us with metrics off (8 %).
+    Here an update is an addition.
 
     Contract: updated on the event loop thread only, except ``calls`` (an assignment, from any
     thread); ``collect`` runs on the metrics endpoint's thread and copies each table and each
@@ -272,8 +273,7 @@ class Metrics:
         GCCollector(registry=registry)
         # labels() costs a lock and a tuple per call; the children never change, so keep them.
         # Every served model's series exist from the start, so rates and ratios are defined at once.
-        self._models: set[str] = set()
-        self._compute: dict[str, _Histogram] = {}  # each model's compute series (its device's)
+        self._compute: dict[str, _Histogram] = {}  # each served model's compute series (its device's)
         self._expired: dict[str, Counter] = {}
         self._abandoned: dict[str, Counter] = {}
         for model, device in models.items():
@@ -281,9 +281,8 @@ class Metrics:
 
     def add_model(self, model: str, device: torch.device, queue_capacity: int) -> None:
         """Every series of one served model (at start-up, or when model control loads it)."""
-        if model in self._models:
+        if model in self._compute:
             return
-        self._models.add(model)
         self._compute[model] = self.series.add_model(model, device)
         self._expired[model] = self.expired.labels(model)
         self._abandoned[model] = self.abandoned.labels(model)

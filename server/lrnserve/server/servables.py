@@ -166,6 +166,7 @@ class LRNServable(Servable):
     # the tensor first, so only windows that really overlap the data count.
     max_window_terms = 2**33
     _kernel: native.NativeKernel | None = None  # set by load() on the CPU when the fused kernel builds
+    _defaults: Resolved | None = None  # what a request without parameters resolves to (set by resolve)
     gather_bytes = 256 * 1024  # batches up to this size are gathered into one kernel call
 
     def load(self, device: torch.device) -> str:
@@ -181,8 +182,6 @@ class LRNServable(Servable):
 
     def check_sample_shape(self, shape: tuple[int, ...]) -> str | None:
         return None
-
-    _defaults: Resolved | None = None  # what a request without parameters resolves to
 
     def resolve(self, parameters: Mapping[str, ParameterValue]) -> Resolved:
         if parameters:
